@@ -1,0 +1,1 @@
+"""Thin entry points, one per tutorial workflow: `python -m experiments.<name> --help`."""

@@ -1,0 +1,81 @@
+"""What every experiment shares: a typed config read from the command line, and its workdir."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_config(config_cls: type[C], argv: list[str] | None = None, description: str = "") -> C:
+    """Builds an argparse CLI from a dataclass: one ``--field-name`` per field, its comment as help.
+
+    Field help comes from ``dataclasses.field(metadata={"help": ...})``; defaults are shown.
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if base is bool and not optional:
+            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="BOOL", help=help_text)
+        else:
+            parse = _optional(base) if optional else base
+            parser.add_argument(flag, type=parse, default=f.default, help=help_text,
+                                choices=f.metadata.get("choices"))
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool) -> Path:
+    """Creates ``workdir`` and saves the resolved config as config.json (refusing to mix runs)."""
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    config_json = json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True)
+    saved = path / "config.json"
+    if saved.exists() and resume:
+        old = json.loads(saved.read_text())
+        new = json.loads(config_json)
+        changed = {k for k in new if k not in ("resume", "epochs", "quiet") and old.get(k) != new[k]}
+        if changed:
+            raise ValueError(f"--resume with a different config than {saved}: "
+                             + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)))
+    tmp = saved.with_suffix(".json.tmp")
+    tmp.write_text(config_json)
+    os.replace(tmp, saved)
+    return path
+
+
+def write_summary(workdir: Path, summary: dict) -> Path:
+    """summary.json, written atomically."""
+    path = workdir / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+    return path

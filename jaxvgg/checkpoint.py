@@ -1,0 +1,97 @@
+"""Checkpoints with orbax: the last k epochs and the best one, each written atomically.
+
+Layout under ``directory``::
+
+    last/<epoch>/{state, meta}   the k most recent epochs (resume from the newest)
+    best/<epoch>/{state, meta}   the epoch with the best monitored metric
+
+orbax writes each step into a temporary folder and renames it when complete, so a run killed while
+saving leaves the earlier checkpoints intact, and a half-written one is cleaned up on the next start.
+``state`` is any pytree of arrays (a `TrainState` without its static fields, plus schedule state);
+``meta`` is JSON (epoch, history, config) so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+        best_mode="max",
+        enable_async_checkpointing=False,  # the epoch loop waits: a finished save is a safe save
+        cleanup_tmp_directories=True,  # remove what a killed save left behind
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+class Checkpoints:
+    """The last ``keep`` epochs in ``directory/last`` and the best one in ``directory/best``.
+
+    Args:
+      directory: created if missing.
+      keep: how many recent epochs to keep.
+      best_metric: key of the ``metrics`` dict passed to `save` that ranks epochs (higher is better);
+        None keeps no best checkpoint.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, best_metric: str | None = "val_accuracy"):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self._last = _manager(self.directory / "last", keep, None)
+        self._best = _manager(self.directory / "best", 1, best_metric) if best_metric else None
+
+    def save(self, epoch: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+        """Writes epoch ``epoch``: always to ``last``, and to ``best`` when its metric beats the best so far."""
+        meta = {**meta, "metrics": metrics or {}}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._last.save(epoch, args=args)
+        value = (metrics or {}).get(self.best_metric)
+        if self._best is None or value is None:
+            return
+        best = self._best.best_step()
+        previous = -np.inf if best is None else self.restore_meta(best, best=True)["metrics"][self.best_metric]
+        if float(value) > previous:
+            # one slot: orbax writes the new step completely, then deletes the old one
+            self._best.save(epoch, args=args, metrics={self.best_metric: float(value)})
+
+    def latest_epoch(self) -> int | None:
+        """The newest saved epoch, or None."""
+        return self._last.latest_step()
+
+    def best_epoch(self) -> int | None:
+        """The epoch in ``best``, or None."""
+        return self._best.best_step() if self._best is not None else None
+
+    def restore(self, target: Any, epoch: int | None = None, best: bool = False) -> tuple[Any, dict]:
+        """Restores (state shaped like ``target``, meta) of ``epoch`` (default: the newest / the best)."""
+        manager = self._best if best else self._last
+        if manager is None:
+            raise ValueError("this Checkpoints keeps no best checkpoint (best_metric=None)")
+        epoch = (manager.best_step() if best else manager.latest_step()) if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                  meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def restore_meta(self, epoch: int, best: bool = False) -> dict:
+        """Only the JSON part of a checkpoint."""
+        manager = self._best if best else self._last
+        return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def close(self) -> None:
+        self._last.close()
+        if self._best is not None:
+            self._best.close()

@@ -1,0 +1,154 @@
+"""The one place that maps PyTorch state_dicts to flax variables and back.
+
+Naming: a flax layer is the torch module path with ``.`` written as ``_`` (see `jaxvgg.models`),
+so ``features.3.weight`` <-> ``params/features_3/kernel``. Layouts:
+  conv weight   torch (O, I, kH, kW)  <-> flax (kH, kW, I, O)
+  linear weight torch (out, in)       <-> flax (in, out)
+  bias          (out,)                 <-> (out,)
+The models flatten in torch's (C, H, W) order before their first Linear layer (`models.torch_flatten`),
+so that layer's weight needs only the transpose above — no row permutation — at any input size
+(2x2x256 in the CIFAR CNN, 7x7x512 in VGG at 224).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxvgg import models
+
+# torch buffers that carry no weights; anything else unexpected is an error.
+_WEIGHTLESS_BUFFERS = ("num_batches_tracked",)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+    """('features_0', 'kernel') -> 'features.0.weight'."""
+    *layer, leaf = flax_path
+    return ".".join(layer).replace("_", ".") + "." + {"kernel": "weight", "bias": "bias"}[leaf]
+
+
+def torch_to_flax_array(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Re-lays one torch tensor out as the flax parameter ``leaf`` ('kernel' or 'bias')."""
+    if leaf == "bias" or value.ndim == 1:
+        return value
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # (O, I, kH, kW) -> (kH, kW, I, O)
+    return value.T  # (out, in) -> (in, out)
+
+
+def flax_to_torch_array(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Inverse of `torch_to_flax_array`."""
+    if leaf == "bias" or value.ndim == 1:
+        return value
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)  # (kH, kW, I, O) -> (O, I, kH, kW)
+    return value.T
+
+
+def expected_param_shapes(name: str, input_shape: tuple[int, int, int] | None = None,
+                          **model_kw: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {flax path: shape} of a named model's params, without allocating them."""
+    model = models.create_model(name, **model_kw)
+    shape = tuple(input_shape or models.get_spec(name).input_shape)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape), np.float32))
+    return {path: tuple(leaf.shape)
+            for path, leaf in traverse_util.flatten_dict(abstract["params"]).items()}
+
+
+def from_torch(name: str, state_dict: Mapping[str, Any], *, input_shape: tuple[int, int, int] | None = None,
+               **model_kw: Any) -> dict:
+    """Converts a PyTorch state_dict to flax variables for ``create_model(name, **model_kw)``.
+
+    Args:
+      name: a `jaxvgg.list_models()` name.
+      state_dict: torch tensors or numpy arrays under torch's keys (``features.0.weight`` ...).
+      input_shape: (H, W, C) the model will see; it fixes the first Linear size of ``vgg11``
+        (25,088 at 224x224, 512 at 32x32). Defaults to the model's tutorial input.
+      **model_kw: passed to `create_model` (``num_classes`` ...).
+
+    Returns:
+      ``{"params": ...}`` with numpy float32 leaves.
+
+    Raises:
+      ValueError: listing every missing key, unexpected key and wrong shape (expected vs found).
+    """
+    expected = expected_param_shapes(name, input_shape, **model_kw)
+    by_key = {torch_key(path): path for path in expected}
+    given = {k: v for k, v in state_dict.items() if not k.endswith(_WEIGHTLESS_BUFFERS)}
+
+    problems = [f"missing key {k!r} (expected shape {tuple(_torch_shape(p, expected[p]))})"
+                for k, p in by_key.items() if k not in given]
+    problems += [f"unexpected key {k!r} (shape {tuple(np.shape(_to_numpy(v)))})"
+                 for k, v in given.items() if k not in by_key]
+    flat = {}
+    for k, path in by_key.items():
+        if k not in given:
+            continue
+        value = torch_to_flax_array(path[-1], _to_numpy(given[k]))
+        if value.shape != expected[path]:
+            problems.append(f"wrong shape for {k!r}: expected {_torch_shape(path, expected[path])}, "
+                            f"found {tuple(np.shape(_to_numpy(given[k])))}")
+            continue
+        # copy: torch tensors' .numpy() share memory, and a torch optimizer would change them under us
+        flat[path] = np.array(value, np.float32, copy=True)
+    if problems:
+        hint = ""
+        if name == "vgg11" and any("classifier.0.weight" in p for p in problems):
+            hint = " (vgg11's first Linear size follows the image size: pass input_shape=(32, 32, 3) for CIFAR)"
+        raise ValueError(f"state_dict does not fit {name!r}{hint}:\n  " + "\n  ".join(problems))
+    return {"params": traverse_util.unflatten_dict(flat)}
+
+
+def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return flax_to_torch_array(path[-1], np.empty(flax_shape, np.uint8)).shape
+
+
+def to_torch(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Converts flax variables (or a gradient pytree of the same structure) to a torch-keyed dict.
+
+    ``name`` is kept for symmetry with `from_torch` and checked against the registry; the mapping
+    itself is the same for every model. Values are numpy arrays (``torch.from_numpy`` them to load).
+    """
+    models.get_spec(name)
+    params = variables.get("params", variables)
+    return {torch_key(path): np.ascontiguousarray(flax_to_torch_array(path[-1], np.asarray(leaf)))
+            for path, leaf in traverse_util.flatten_dict(params).items()}
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a state_dict from ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.npz``.
+
+    Never unpickles arbitrary objects: ``.pth`` goes through torch's weights-only loader, ``.npz``
+    through ``np.load(allow_pickle=False)``; ``.npz`` needs no torch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no state_dict file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    if suffix in (".pth", ".pt"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs torch (pip install 'jaxvgg[torch]'), "
+                              "or save the state_dict as .npz") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]  # checkpoints that wrap the weights
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+        return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    raise ValueError(f"{path}: unknown state_dict format {suffix!r}; expected .pth, .pt or .npz")

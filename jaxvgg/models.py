@@ -1,0 +1,317 @@
+"""The tutorials' networks as flax.linen modules (NHWC inputs).
+
+Every module names its layers after the PyTorch state_dict key of the layer it mirrors, with
+``.`` written as ``_`` (``features.0`` -> ``features_0``, ``classifier.6.0`` -> ``classifier_6_0``),
+so `jaxvgg.convert` needs no per-model table. The outputs torch forward hooks would see are in the
+``intermediates`` collection under the same names: layers that are modules (Conv, Dense, Dropout)
+through ``capture_intermediates=INTERMEDIATE_LAYERS``, functional ones (ReLU, max-pool, adaptive
+pool, log-softmax) sown by the network; see `layer_outputs`.
+
+Flattening before the first Linear layer goes through NCHW so the flat vector has torch's
+(C, H, W) order and converted Linear weights work unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# VGG configurations: conv widths, "M" = 2x2 max-pool (Simonyan & Zisserman 2015, Table 1;
+# the same lists as torchvision.models.vgg.cfgs).
+VGG_CFGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+# --- torch-default initialisers -------------------------------------------------------------
+# torch.nn.Conv2d / Linear reset_parameters: kaiming_uniform_(a=sqrt(5)) for weights, i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for biases.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+    """Bias initialiser U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch's Conv2d/Linear."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# torchvision.models.VGG._initialize_weights: kaiming_normal_(fan_out, relu) convs, N(0, 0.01) linears,
+# zero biases.
+vgg_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+vgg_linear_init = nn.initializers.normal(stddev=0.01)
+
+
+def _torch_conv(name: str, features: int, in_features: int, kernel: int, padding: int = 0) -> nn.Conv:
+    fan_in = in_features * kernel * kernel
+    return nn.Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
+                   kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in), name=name)
+
+
+def _torch_dense(name: str, features: int, in_features: int) -> nn.Dense:
+    return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                    bias_init=torch_default_bias_init(in_features), name=name)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, floor mode (torch.nn.MaxPool2d(2))."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def torch_flatten(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, C*H*W) in torch's NCHW flatten order."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) averaging matrix with torch's adaptive-pool bins [floor(i*in/out), ceil((i+1)*in/out))."""
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """torch.nn.AdaptiveAvgPool2d on NHWC input, including up-sampling (a 1x1 map becomes 7x7).
+
+    The bins are separable, so the pool is two small matmuls with constant averaging matrices.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x  # every bin is one pixel: identity, exactly as torch
+    ph = jnp.asarray(_adaptive_pool_matrix(h, oh), x.dtype)
+    pw = jnp.asarray(_adaptive_pool_matrix(w, ow), x.dtype)
+    x = jnp.einsum("oh,bhwc->bowc", ph, x)
+    return jnp.einsum("pw,bowc->bopc", pw, x)
+
+
+class VGG(nn.Module):
+    """VGG from a cfg list, mirroring torchvision's ``features`` / ``classifier`` indices.
+
+    Attributes:
+      cfg: conv widths and "M" for max-pool.
+      num_classes: outputs of the last Linear layer.
+      avgpool_size: torchvision's AdaptiveAvgPool2d((7, 7)) when set; None for the paper/tutorial
+        network that flattens whatever the last pool leaves (512 at 32x32, 25,088 at 224x224).
+      hidden: width of the two hidden Linear layers.
+      dropout_rate: dropout before the 2nd and 3rd Linear layers (0.5 in the paper).
+      transfer_head: replace classifier[6] by Linear(4096, h) -> ReLU -> Dropout(p) -> Linear(h, n)
+        -> LogSoftmax, given as (h, p); then the output is log-probabilities.
+      freeze_features: stop gradients below the transfer head (the tutorial freezes them).
+    """
+
+    cfg: Sequence[int | str]
+    num_classes: int = 1000
+    avgpool_size: tuple[int, int] | None = None
+    hidden: int = 4096
+    dropout_rate: float = 0.5
+    transfer_head: tuple[int, float] | None = None
+    freeze_features: bool = False
+
+    def _record(self, name: str, x: jax.Array) -> jax.Array:
+        self.sow("intermediates", name, x)
+        return x
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        idx = 0
+        for v in self.cfg:
+            if v == "M":
+                x = self._record(f"features_{idx}", max_pool_2x2(x))
+                idx += 1
+            else:
+                x = nn.Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), kernel_init=vgg_conv_init,
+                            bias_init=nn.initializers.zeros, name=f"features_{idx}")(x)
+                x = self._record(f"features_{idx + 1}", nn.relu(x))
+                idx += 2
+        if self.avgpool_size is not None:
+            x = self._record("avgpool", adaptive_avg_pool(x, self.avgpool_size))
+        x = torch_flatten(x)
+
+        dense = partial(nn.Dense, kernel_init=vgg_linear_init, bias_init=nn.initializers.zeros)
+        for i in (0, 3):
+            x = dense(self.hidden, name=f"classifier_{i}")(x)
+            x = self._record(f"classifier_{i + 1}", nn.relu(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"classifier_{i + 2}")(x)
+        if self.transfer_head is None:
+            return dense(self.num_classes, name="classifier_6")(x)
+
+        if self.freeze_features:
+            x = jax.lax.stop_gradient(x)  # nothing below the head trains: skip its backward pass
+        width, rate = self.transfer_head
+        # The tutorial's new head uses torch's default Linear init.
+        x = _torch_dense("classifier_6_0", width, self.hidden)(x)
+        x = self._record("classifier_6_1", nn.relu(x))
+        x = nn.Dropout(rate, deterministic=not train, name="classifier_6_2")(x)
+        x = _torch_dense("classifier_6_3", self.num_classes, width)(x)
+        return self._record("classifier_6_4", nn.log_softmax(x, axis=-1))
+
+
+class CifarCNN(nn.Module):
+    """The CIFAR-10 tutorial CNN: three conv/ReLU/max-pool blocks and three Linear layers (537,610 params).
+
+    Returns log-probabilities, as the tutorial's ``F.log_softmax``.
+    """
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout in this network
+        in_ch = x.shape[-1]
+        for name, width in (("conv1", 64), ("conv2", 128), ("conv3", 256)):
+            x = _torch_conv(name, width, in_ch, 3)(x)
+            x = max_pool_2x2(nn.relu(x))
+            in_ch = width
+        x = torch_flatten(x)  # (B, 2, 2, 256) -> (B, 1024), torch flatten order
+        for name, width in (("fc1", 128), ("fc2", 256)):
+            x = _torch_dense(name, width, x.shape[-1])(x)
+            x = nn.relu(x)
+        x = _torch_dense("fc3", self.num_classes, x.shape[-1])(x)
+        return nn.log_softmax(x, axis=-1)
+
+
+class MnistLinear(nn.Module):
+    """The MNIST lab's linear baseline: Flatten + Linear(784, 10), log-probabilities out."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        x = torch_flatten(x)
+        x = _torch_dense("fc", self.num_classes, x.shape[-1])(x)
+        return nn.log_softmax(x, axis=-1)
+
+
+class MnistLeNet(nn.Module):
+    """LeNet-5-like net for 1x28x28: conv(1->6, 5x5, pad 2)-pool-conv(6->16, 5x5)-pool-120-84-10."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        x = _torch_conv("conv1", 6, x.shape[-1], 5, padding=2)(x)
+        x = max_pool_2x2(nn.relu(x))  # (B, 14, 14, 6)
+        x = _torch_conv("conv2", 16, 6, 5)(x)
+        x = torch_flatten(max_pool_2x2(nn.relu(x)))  # (B, 5, 5, 16) -> (B, 400)
+        for name, width in (("fc1", 120), ("fc2", 84)):
+            x = _torch_dense(name, width, x.shape[-1])(x)
+            x = nn.relu(x)
+        x = _torch_dense("fc3", self.num_classes, x.shape[-1])(x)
+        return nn.log_softmax(x, axis=-1)
+
+
+def INTERMEDIATE_LAYERS(module: nn.Module, method_name: str) -> bool:
+    """capture_intermediates filter: the outputs of the layers that mirror torch modules."""
+    return method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense, nn.Dropout))
+
+
+def layer_outputs(model: nn.Module, variables: Any, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict]:
+    """Applies ``model`` and returns (output, {torch-style layer name: that layer's output})."""
+    out, state = model.apply(variables, x, capture_intermediates=INTERMEDIATE_LAYERS,
+                             mutable=["intermediates"], **kwargs)
+    acts = {}
+    for name, value in state["intermediates"].items():
+        if isinstance(value, dict):  # captured module: {"__call__": (output,)}
+            if "__call__" not in value:
+                continue
+            value = value["__call__"]
+        acts[name] = value[0]
+    return out, acts
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the library needs to know about a named model."""
+
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # default (H, W, C) for init and conversion
+    num_classes: int
+    log_probs: bool  # True when the network ends in log_softmax (train with NLL, not cross-entropy)
+    frozen_prefixes: tuple[str, ...] = ()  # parameter-name prefixes that do not train
+
+
+vgg11 = partial(VGG, VGG_CFGS["A"])
+vgg11_torchvision = partial(VGG, VGG_CFGS["A"], avgpool_size=(7, 7))
+vgg16_torchvision = partial(VGG, VGG_CFGS["D"], avgpool_size=(7, 7))
+vgg16_transfer = partial(VGG, VGG_CFGS["D"], avgpool_size=(7, 7), transfer_head=(256, 0.4),
+                         freeze_features=True)
+
+MODELS: dict[str, ModelSpec] = {
+    "vgg11": ModelSpec(vgg11, (224, 224, 3), 1000, log_probs=False),
+    "vgg11_torchvision": ModelSpec(vgg11_torchvision, (224, 224, 3), 1000, log_probs=False),
+    "vgg16_torchvision": ModelSpec(vgg16_torchvision, (224, 224, 3), 1000, log_probs=False),
+    "vgg16_transfer": ModelSpec(vgg16_transfer, (224, 224, 3), 100, log_probs=True,
+                                frozen_prefixes=("features_", "classifier_0", "classifier_3")),
+    "cifar_cnn": ModelSpec(CifarCNN, (32, 32, 3), 10, log_probs=True),
+    "mnist_linear": ModelSpec(MnistLinear, (28, 28, 1), 10, log_probs=True),
+    "mnist_lenet": ModelSpec(MnistLeNet, (28, 28, 1), 10, log_probs=True),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``, with the known names in the error."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`."""
+    return sorted(MODELS)
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """Builds a named model.
+
+    Args:
+      name: one of `list_models()`.
+      num_classes: outputs; defaults to the model's tutorial value (1000 for the torchvision VGGs,
+        100 for vgg16_transfer, 10 otherwise).
+      **kwargs: module attributes to override (e.g. ``dropout_rate``).
+
+    Returns:
+      An unbound flax.linen Module; ``model.apply(variables, x)`` is evaluation mode and
+      ``model.apply(variables, x, train=True, rngs={"dropout": key})`` training mode.
+    """
+    spec = get_spec(name)
+    return spec.build(num_classes=spec.num_classes if num_classes is None else num_classes, **kwargs)
+
+
+def init_params(name: str, key: jax.Array, num_classes: int | None = None,
+                input_shape: Sequence[int] | None = None, **kwargs: Any) -> dict:
+    """Fresh ``{"params": ...}`` variables for a named model at ``input_shape`` (H, W, C)."""
+    model = create_model(name, num_classes, **kwargs)
+    shape = tuple(input_shape or get_spec(name).input_shape)
+    return jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32)))(key)
+
+
+def count_params(params: Any) -> int:
+    """Total number of scalars in a parameter pytree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def trainable_mask(name: str, params: Any) -> Any:
+    """Pytree of bools over ``params``: False for the layers the model's tutorial freezes."""
+    frozen = get_spec(name).frozen_prefixes
+    if "params" in params:
+        return {"params": trainable_mask(name, params["params"])}
+    return {layer: jax.tree_util.tree_map(lambda _: not layer.startswith(frozen), sub)
+            for layer, sub in params.items()}

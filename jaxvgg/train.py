@@ -1,0 +1,317 @@
+"""Training state and pure train/eval steps.
+
+Steps are module-level pure functions ``(state, batch) -> (state, metrics)``; callers apply ``jax.jit``
+(see flax examples/imagenet). A batch is ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``,
+optionally with ``"mask"`` (B,) marking real examples in a padded final batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from jaxvgg import checkpoint as ckpt
+from jaxvgg import data, models, optim, parallel
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step reads and writes; a pytree, so a checkpoint of it resumes a run."""
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+    rng: jax.Array  # folded with the step for per-step dropout keys
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    log_probs: bool = struct.field(pytree_node=False, default=False)  # outputs are log-probs: NLL loss
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+    plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
+    early_stopping: Any = None  # optim.early_stopping_init() state when early stopping is on
+
+    @classmethod
+    def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+               log_probs: bool = False, label_smoothing: float = 0.0) -> "TrainState":
+        """A step-0 state with a fresh optimizer state."""
+        params = params.get("params", params)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing)
+
+    @classmethod
+    def for_model(cls, name: str, model: Any, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                  label_smoothing: float = 0.0) -> "TrainState":
+        """A state for a registry model: its loss follows whether it ends in log_softmax."""
+        return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                          log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing)
+
+    def apply_gradients(self, grads: Any) -> "TrainState":
+        """One optimizer update."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state)
+
+
+def per_example_loss(outputs: jax.Array, labels: jax.Array, log_probs: bool,
+                     label_smoothing: float = 0.0) -> jax.Array:
+    """NLL of log-prob outputs, or cross-entropy of logits (torch's F.nll_loss / F.cross_entropy)."""
+    logp = outputs if log_probs else jax.nn.log_softmax(outputs, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    if label_smoothing:
+        # torch's F.cross_entropy(label_smoothing=s): (1 - s) * nll + s * mean over classes of -logp
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+    return nll
+
+
+def _mask(batch: dict) -> jax.Array:
+    return batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer step on the batch mean loss; returns the new state and batch metrics."""
+    dropout_key = jax.random.fold_in(state.rng, state.step)
+    mask = _mask(batch)
+
+    def loss_fn(params):
+        outputs = state.apply_fn({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_key})
+        losses = per_example_loss(outputs, batch["label"], state.log_probs, state.label_smoothing)
+        return jnp.sum(losses * mask) / jnp.sum(mask), outputs
+
+    (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
+    metrics = {"loss": loss, "accuracy": jnp.sum(correct * mask) / jnp.sum(mask)}
+    return state.apply_gradients(grads), metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Summed loss, correct count and example count (sums, so partial batches aggregate exactly)."""
+    outputs = state.apply_fn({"params": state.params}, batch["image"])
+    mask = _mask(batch)
+    losses = per_example_loss(outputs, batch["label"], state.log_probs)
+    correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+# --- the epoch loop --------------------------------------------------------------------------------
+
+Transform = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 images) -> float32 images
+EvalTransform = Callable[[jax.Array], jax.Array]  # uint8 images -> float32 images
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """How `fit` runs; every field has the value a quick run would want."""
+
+    epochs: int = 1
+    batch_size: int = 128  # global, split across devices
+    eval_batch_size: int = 500
+    seed: int = 0  # data order: permutation of epoch e comes from (seed, e)
+    workdir: str | None = None  # checkpoints/ and history.json go here
+    resume: bool = False  # continue from the newest checkpoint in workdir
+    keep_checkpoints: int = 3
+    plateau_patience: int | None = None  # divide lr by 10 after this many epochs without val-accuracy gain
+    plateau_factor: float = 0.1
+    plateau_max_reductions: int = 3
+    plateau_threshold: float = 1e-4  # absolute val-accuracy gain that counts as improvement
+    early_stopping_patience: int | None = None  # stop after this many epochs without val-loss gain
+    num_devices: int | None = None  # None: all devices
+    quiet: bool = False  # no progress bars, one line per epoch
+
+
+def _augmented_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
+    """train_step on ``transform``-ed images, with an augmentation key derived from (rng, step)."""
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
+    return train_step(state, {**batch, "image": transform(key, batch["image"])})
+
+
+def _transformed_eval_step(state: TrainState, batch: dict, transform: EvalTransform) -> dict:
+    return eval_step(state, {**batch, "image": transform(batch["image"])})
+
+
+def _transformed_predict(state: TrainState, images: jax.Array, transform: EvalTransform) -> jax.Array:
+    return state.apply_fn({"params": state.params}, transform(images))
+
+
+def _padded_batches(dataset: Any, batch_size: int):
+    """In-order batches of a `jaxvgg.data.Dataset`, each padded to ``batch_size`` with mask 0."""
+    for start in range(0, len(dataset), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(dataset)))
+        batch = {"image": dataset.images[idx], "label": dataset.labels[idx]}
+        yield parallel.pad_batch(batch, batch_size)  # the last partial batch keeps the compiled shape
+
+
+def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
+             mesh: Any = None) -> dict[str, float]:
+    """Mean loss and accuracy over every example of ``dataset`` (the last partial batch included)."""
+    mesh = mesh or parallel.make_mesh(1)
+    batch_size = _round_up(batch_size, mesh.size)
+    step = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=transform), mesh)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in _padded_batches(dataset, batch_size):
+        sums = step(state, parallel.shard_batch(batch, mesh))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500) -> np.ndarray:
+    """Model outputs (logits or log-probs, as the model returns) for every example, in order."""
+    fn = jax.jit(partial(_transformed_predict, transform=transform))
+    outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())] for b in _padded_batches(dataset, batch_size)]
+    return np.concatenate(outs)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _new_history() -> dict:
+    return {"batch": {k: [] for k in ("step", "epoch", "loss", "accuracy", "lr")},
+            "epoch": {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                                      "time_s", "images_per_s")}}
+
+
+def _write_json_atomically(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *, train_transform: Transform,
+        eval_transform: EvalTransform) -> tuple[TrainState, dict]:
+    """Trains ``state`` for ``config.epochs`` epochs; the pure steps are jitted here.
+
+    Args:
+      state: from `TrainState.create` / `for_model`; its optimizer must come from `jaxvgg.optim`
+        when a plateau rule is configured (the lr is rewritten in the optimizer state).
+      train_data, val_data: `jaxvgg.data.Dataset` of uint8 images (val_data may be None).
+      config: see `FitConfig`.
+      train_transform: jittable ``(key, uint8 images) -> float32`` run on the device per batch
+        (augmentation + normalisation).
+      eval_transform: jittable ``uint8 images -> float32``.
+
+    Returns:
+      (final state, history). With early stopping the state holds the best epoch's parameters.
+      History: ``{"batch": {step, epoch, loss, accuracy, lr}, "epoch": {epoch, train_loss,
+      train_accuracy, val_loss, val_accuracy, lr, time_s, images_per_s}}`` (epoch in epoch units).
+
+    Raises:
+      FloatingPointError: when the loss becomes NaN/inf, naming the step and lr; checkpoints of
+        earlier epochs are kept.
+    """
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    steps_per_epoch = data.num_batches(len(train_data), config.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images")
+    if val_data is None and (config.plateau_patience or config.early_stopping_patience):
+        raise ValueError("the plateau rule and early stopping need validation data")
+
+    base_lr = float(optim.current_lr(state.opt_state))
+    if config.plateau_patience is not None and state.plateau is None:
+        state = state.replace(plateau=optim.plateau_init(
+            patience=config.plateau_patience, threshold=config.plateau_threshold, factor=config.plateau_factor,
+            min_scale=config.plateau_factor ** config.plateau_max_reductions))
+    if config.early_stopping_patience is not None and state.early_stopping is None:
+        state = state.replace(early_stopping=optim.early_stopping_init())
+
+    workdir = Path(config.workdir) if config.workdir else None
+    checkpoints, history, first_epoch, best_params = None, _new_history(), 1, None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        best_metric = "neg_val_loss" if config.early_stopping_patience else "val_accuracy"
+        checkpoints = ckpt.Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
+                                       best_metric if val_data is not None else None)
+        latest = checkpoints.latest_epoch()
+        if latest is not None and not config.resume:
+            raise FileExistsError(f"{workdir / 'checkpoints'} already holds epoch {latest}; pass resume=True "
+                                  "(--resume) to continue it, or choose another workdir")
+        if latest is not None:
+            state, meta = checkpoints.restore(state)
+            history, first_epoch = meta["history"], meta["epoch"] + 1
+            _log(config, f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
+
+    train_fn = parallel.data_parallel(partial(_augmented_train_step, transform=train_transform), mesh)
+    state = parallel.replicate(state, mesh)
+    for epoch in range(first_epoch, config.epochs + 1):
+        if state.early_stopping is not None and bool(state.early_stopping.should_stop):
+            break
+        start, sums = time.perf_counter(), np.zeros(3)
+        lr = float(optim.current_lr(state.opt_state))
+        batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=config.quiet, leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
+            loss, acc = float(metrics["loss"]), float(metrics["accuracy"])
+            step = int(state.step)
+            if not math.isfinite(loss):
+                where = f" (epochs up to {epoch - 1} are in {workdir / 'checkpoints'})" if workdir else ""
+                raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}, batch {i + 1}), lr {lr:g}; "
+                                         f"stopping{where}")
+            n = len(batch["label"])
+            sums += (loss * n, acc * n, n)
+            h = history["batch"]
+            h["step"].append(step), h["epoch"].append(epoch - 1 + (i + 1) / steps_per_epoch)
+            h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
+                            img_s=f"{sums[2] / (time.perf_counter() - start):.0f}", refresh=False)
+        elapsed = time.perf_counter() - start
+        record = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2]),
+                  "val_loss": None, "val_accuracy": None, "lr": lr, "time_s": elapsed,
+                  "images_per_s": float(sums[2] / elapsed)}
+        if val_data is not None:
+            val = evaluate(state, val_data, eval_transform, config.eval_batch_size, mesh)
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            state, best_params = _end_of_epoch_rules(state, config, base_lr, val, epoch, best_params)
+        for k, v in record.items():
+            history["epoch"][k].append(v)
+        _log(config, "epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
+             + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
+             + f" | lr {lr:.3g} | {elapsed:.0f} s, {record['images_per_s']:.0f} img/s")
+        if workdir is not None:
+            _write_json_atomically(workdir / "history.json", history)
+            metrics = None if val_data is None else {"val_accuracy": record["val_accuracy"],
+                                                      "neg_val_loss": -record["val_loss"]}
+            checkpoints.save(epoch, state, {"epoch": epoch, "history": history}, metrics)
+
+    if state.early_stopping is not None:
+        if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
+            best_params = checkpoints.restore(state, best=True)[0].params  # resumed run: best is on disk
+        if best_params is not None:
+            _log(config, f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
+                         f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
+            state = state.replace(params=best_params)
+    if checkpoints is not None:
+        checkpoints.close()
+    return state, history
+
+
+def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, val: dict, epoch: int,
+                        best_params: Any) -> tuple[TrainState, Any]:
+    """The plateau lr rule and early stopping, applied after each epoch's validation."""
+    if state.plateau is not None:
+        plateau = optim.plateau_update(state.plateau, val["accuracy"])
+        lr = base_lr * float(optim.plateau_scale(plateau))
+        state = state.replace(plateau=plateau, opt_state=optim.set_lr(state.opt_state, lr))
+    if state.early_stopping is not None:
+        early, improved = optim.early_stopping_update(state.early_stopping, val["loss"], epoch,
+                                                      patience=config.early_stopping_patience)
+        state = state.replace(early_stopping=early)
+        if improved:
+            best_params = jax.tree_util.tree_map(lambda x: x.copy(), state.params)
+    return state, best_params
+
+
+def _log(config: FitConfig, message: str) -> None:
+    tqdm.write(message)

@@ -1,0 +1,48 @@
+"""One-epoch smoke runs of every experiment entry point on small real subsets (../shared/data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data sets not found at {SHARED_DATA}")
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("module", ["experiments.cifar_vgg"])
+def test_experiment_help_lists_its_options(module):
+    out = _run(module, "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--data-dir", "--epochs", "--limit", "--workdir"):
+        assert flag in out.stdout
+
+
+@needs_data
+def test_cifar_vgg_one_epoch_smoke_run_writes_summary_and_plots(tmp_path):
+    workdir = tmp_path / "run"
+    out = _run("experiments.cifar_vgg", "--data-dir", str(SHARED_DATA), "--limit", "160", "--epochs", "1",
+               "--batch-size", "32", "--workdir", str(workdir), "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["n_examples"] == 160
+    assert set(summary["superclass"]["within_group_error_fraction"]) == {"vehicle", "animal"}
+    for name in ("config.json", "history.json", "history.png", "confusion_matrix.png", "test_samples.png",
+                 "report.md"):
+        assert (workdir / name).stat().st_size > 0, name
+    assert (workdir / "checkpoints" / "last" / "1").is_dir()
+    # --resume with the same config finds the finished epoch and only re-evaluates
+    again = _run("experiments.cifar_vgg", "--data-dir", str(SHARED_DATA), "--limit", "160", "--epochs", "1",
+                 "--batch-size", "32", "--workdir", str(workdir), "--quiet", "true", "--resume", "true")
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in again.stdout + again.stderr
