@@ -132,7 +132,8 @@ class FitConfig:
 def _augmented_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
     """train_step on ``transform``-ed images, with an augmentation key derived from (rng, step)."""
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
-    return train_step(state, {**batch, "image": transform(key, batch["image"])})
+    state, metrics = train_step(state, {**batch, "image": transform(key, batch["image"])})
+    return state, {**metrics, "lr": optim.current_lr(state.opt_state)}  # the lr this step used
 
 
 def _transformed_eval_step(state: TrainState, batch: dict, transform: EvalTransform) -> dict:
@@ -155,8 +156,13 @@ def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_si
              mesh: Any = None) -> dict[str, float]:
     """Mean loss and accuracy over every example of ``dataset`` (the last partial batch included)."""
     mesh = mesh or parallel.make_mesh(1)
-    batch_size = _round_up(batch_size, mesh.size)
     step = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=transform), mesh)
+    return _evaluate(step, state, dataset, batch_size, mesh)
+
+
+def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, mesh: Any) -> dict[str, float]:
+    """`evaluate` with an already jitted eval step (fit reuses one, so it compiles once per run)."""
+    batch_size = _round_up(batch_size, mesh.size)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for batch in _padded_batches(dataset, batch_size):
         sums = step(state, parallel.shard_batch(batch, mesh))
@@ -239,21 +245,21 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
         if latest is not None:
             state, meta = checkpoints.restore(state)
             history, first_epoch = meta["history"], meta["epoch"] + 1
-            _log(config, f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
+            _log(f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
 
     train_fn = parallel.data_parallel(partial(_augmented_train_step, transform=train_transform), mesh)
+    eval_fn = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=eval_transform), mesh)
     state = parallel.replicate(state, mesh)
     for epoch in range(first_epoch, config.epochs + 1):
         if state.early_stopping is not None and bool(state.early_stopping.should_stop):
             break
         start, sums = time.perf_counter(), np.zeros(3)
-        lr = float(optim.current_lr(state.opt_state))
         batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=config.quiet, leave=False, dynamic_ncols=True)
         for i, batch in enumerate(bar):
             state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
-            loss, acc = float(metrics["loss"]), float(metrics["accuracy"])
+            loss, acc, lr = float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["lr"])
             step = int(state.step)
             if not math.isfinite(loss):
                 where = f" (epochs up to {epoch - 1} are in {workdir / 'checkpoints'})" if workdir else ""
@@ -271,12 +277,12 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
                   "val_loss": None, "val_accuracy": None, "lr": lr, "time_s": elapsed,
                   "images_per_s": float(sums[2] / elapsed)}
         if val_data is not None:
-            val = evaluate(state, val_data, eval_transform, config.eval_batch_size, mesh)
+            val = _evaluate(eval_fn, state, val_data, config.eval_batch_size, mesh)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             state, best_params = _end_of_epoch_rules(state, config, base_lr, val, epoch, best_params)
         for k, v in record.items():
             history["epoch"][k].append(v)
-        _log(config, "epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
+        _log("epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
              + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
              + f" | lr {lr:.3g} | {elapsed:.0f} s, {record['images_per_s']:.0f} img/s")
         if workdir is not None:
@@ -289,7 +295,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
         if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
             best_params = checkpoints.restore(state, best=True)[0].params  # resumed run: best is on disk
         if best_params is not None:
-            _log(config, f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
+            _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
                          f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
             state = state.replace(params=best_params)
     if checkpoints is not None:
@@ -313,5 +319,5 @@ def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, va
     return state, best_params
 
 
-def _log(config: FitConfig, message: str) -> None:
-    tqdm.write(message)
+def _log(message: str) -> None:
+    tqdm.write(message)  # prints above any progress bar
