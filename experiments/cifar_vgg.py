@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, write_summary
+from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, metrics, optim, plots
 from jaxvgg.train import FitConfig, TrainState, fit, predict
 
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 C = TypeVar("C")
 
@@ -79,3 +80,13 @@ def write_summary(workdir: Path, summary: dict) -> Path:
     tmp.write_text(json.dumps(summary, indent=1, allow_nan=False))
     os.replace(tmp, path)
     return path
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
+    """Runs an experiment's main; a missing data set or an occupied workdir is a message, not a traceback."""
+    try:
+        main(argv)
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
