@@ -22,7 +22,7 @@ from functools import partial
 import jax
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, write_summary
+from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, lr_finder, optim
 from jaxvgg.train import TrainState
 
@@ -115,4 +115,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, write_summary
+from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, evaluation, lr_finder, metrics, optim, plots
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -61,7 +61,8 @@ class Config:
     range_max_lr: float = dataclasses.field(default=1.0, metadata={"help": "range test: last planned lr"})
     range_steps: int | None = dataclasses.field(default=None, metadata={
         "help": "range test: steps (default one epoch of the training split)"})
-    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={
+        "help": "random seeded share of train for validation"})
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N training and N test images (quick runs)"})
     tsne_points: int = dataclasses.field(default=2000, metadata={"help": "test images in the t-SNE plot (the first N)"})
@@ -215,4 +216,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))
