@@ -1,8 +1,8 @@
 """The CIFAR-10 tutorial CNN (537,610 parameters, log-softmax + NLL), evaluated with scikit-learn metrics.
 
-    python -m experiments.cifar_cnn --data-dir ../shared/data                  # defaults below (>= 78 % aimed)
+    python -m experiments.cifar_cnn --data-dir ../shared/data                  # defaults below (aim: >= 78 %)
     python -m experiments.cifar_cnn --data-dir ../shared/data --schedule constant --lr 0.01 \\
-        --weight-decay 0 --augment false --epochs 10                          # the tutorial's plain recipe
+        --weight-decay 0 --augment false --epochs 10                          # a plain, tutorial-style recipe
     python -m experiments.cifar_cnn --data-dir ../shared/data --limit 300 --epochs 1   # a quick look
 
 Leaves in --workdir: config.json, history.json, checkpoints/, loss_moving_mean.png, history.png
@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, write_summary
-from jaxvgg import augment, data, metrics, optim, plots
+from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
+from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.models import parameter_table
-from jaxvgg.train import FitConfig, TrainState, fit, predict
+from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL = "cifar_cnn"
 CAT = data.CIFAR10_CLASSES.index("cat")  # 3: the class whose ROC curve the tutorial draws
@@ -45,14 +45,14 @@ class Config:
     optimizer: str = dataclasses.field(default="sgd", metadata={
         "help": "torch.optim semantics (coupled weight decay)", "choices": ["sgd", "adam"]})
     schedule: str = dataclasses.field(default="cosine", metadata={
-        "help": "per-step lr schedule (optim.make_schedule; onecycle needs >= 4 steps); 'constant' is the tutorial's",
+        "help": "per-step lr schedule (optim.make_schedule; onecycle needs >= 4 steps); plain recipe: constant",
         "choices": list(optim.SCHEDULES)})
     lr: float = dataclasses.field(default=0.05, metadata={
-        "help": "start lr (cosine, step), peak lr (onecycle) or the lr (constant); tutorial: 0.01"})
+        "help": "start lr (cosine, step), peak lr (onecycle) or the lr (constant); plain recipe: 0.01"})
     momentum: float = dataclasses.field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = dataclasses.field(default=5e-4, metadata={"help": "coupled L2, torch style (tutorial: 0)"})
+    weight_decay: float = dataclasses.field(default=5e-4, metadata={"help": "coupled L2, torch style (plain recipe: 0)"})
     augment: bool = dataclasses.field(default=True, metadata={
-        "help": "random crop (padding 4) + horizontal flip on the training images (tutorial: false)"})
+        "help": "random crop (padding 4) + horizontal flip on the training images (plain recipe: false)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N training and N test images (quick runs)"})
@@ -69,7 +69,13 @@ def transforms(augmented: bool):
     eval_tf = partial(augment.eval_transform, mean=mean, std=std)
     if augmented:
         return partial(augment.cifar_train_transform, mean=mean, std=std), eval_tf
-    return (lambda key, images: eval_tf(images)), eval_tf
+    return partial(_no_augmentation, eval_tf=eval_tf), eval_tf
+
+
+def _no_augmentation(key: jax.Array, images: jax.Array, eval_tf) -> jax.Array:
+    """The training transform of the plain recipe: normalisation only."""
+    del key
+    return eval_tf(images)
 
 
 def format_parameter_table(params) -> str:
@@ -80,13 +86,6 @@ def format_parameter_table(params) -> str:
     lines += [f"{name:<{width}}  {str(shape):<18} {count:>9,}" for name, shape, count in rows]
     lines.append(f"{'total':<{width}}  {'':<18} {sum(count for _, _, count in rows):>9,}")
     return "\n".join(lines)
-
-
-def predict_probabilities(state: TrainState, dataset: data.Dataset, eval_tf) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probs, probs) of every test image, in float64; probs rows renormalised to sum to 1."""
-    log_probs = np.asarray(jax.nn.log_softmax(predict(state, dataset, eval_tf)), np.float64)
-    probs = np.exp(log_probs)
-    return log_probs, probs / probs.sum(axis=1, keepdims=True)
 
 
 def _json_curve(curve: dict) -> dict:
@@ -127,8 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     state, history = fit(state, train, val, fit_cfg, train_transform=train_tf, eval_transform=eval_tf)
     train_time = time.perf_counter() - started
 
-    log_probs, probs = predict_probabilities(state, test, eval_tf)
-    test_loss = float(-np.mean(log_probs[np.arange(len(test)), test.labels]))
+    log_probs = evaluation.predict_log_probs(state, test, eval_tf)  # float64, rows logsumexp to 0
+    probs = np.exp(log_probs)
+    probs /= probs.sum(axis=1, keepdims=True)
+    test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
     figures = [
         plots.plot_moving_mean_loss(history["batch"]["loss"], cfg.loss_window, workdir / "loss_moving_mean.png"),
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                **scores}
     write_summary(workdir, summary)
     plots.write_report(workdir, "The CIFAR-10 tutorial CNN", summary, figures,
-                       extra_md="Parameters\n\n```\n" + format_parameter_table(params) + "\n```")
+                       extra_md="## Parameters\n\n```\n" + format_parameter_table(params) + "\n```")
     print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {test_loss:.4f}, "
           f"F1 micro {summary['f1_micro']:.4f} macro {summary['f1_macro']:.4f}, "
           f"cat AUC {'n/a' if cat_auc is None else f'{cat_auc:.4f}'}; outputs in {workdir}")
@@ -164,4 +165,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))

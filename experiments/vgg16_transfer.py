@@ -33,9 +33,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, write_summary
-from jaxvgg import augment, data, metrics, models, optim, parallel, plots
-from jaxvgg.train import FitConfig, TrainState, fit, predict
+from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
+from jaxvgg import augment, data, evaluation, metrics, models, optim, parallel, plots
+from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL = "vgg16_transfer"
 HEAD_PREFIX = "classifier_6"  # the new head; every other layer comes from the pretrained VGG16
@@ -63,7 +63,8 @@ class Config:
     cache_features: bool = dataclasses.field(default=False, metadata={
         "help": "train the head on cached classifier.4 features (fast on CPU; no training augmentation)"})
     tta: int = dataclasses.field(default=0, metadata={
-        "help": "test-time augmentation: also report metrics of probabilities averaged over N augmented views"})
+        "help": "test-time augmentation: also report metrics of probabilities averaged over N augmented views "
+                "(each view is a whole-VGG16 pass, with --cache-features too)"})
     load_size: int = dataclasses.field(default=256, metadata={
         "help": "every image is resized to SIZE x SIZE when read (one array needs one size); >= 256"})
     rotation: float = dataclasses.field(default=15.0, metadata={"help": "random rotation range in degrees (+/-)"})
@@ -257,17 +258,9 @@ def tta_probabilities(model: nn.Module, params: Any, dataset: data.Dataset, trai
     return total / views
 
 
-def normalised_log_probs(outputs: np.ndarray) -> np.ndarray:
-    """float64 log-probs whose exp rows sum to 1 (log_softmax again in float64)."""
-    outputs = np.asarray(outputs, np.float64)
-    top = outputs.max(axis=1, keepdims=True)
-    return outputs - top - np.log(np.exp(outputs - top).sum(axis=1, keepdims=True))
-
-
-def mean_nll(probs_or_log_probs: np.ndarray, labels: np.ndarray, log: bool) -> float:
-    """Mean negative log-likelihood of the labels (probabilities floored at the smallest float64)."""
-    picked = probs_or_log_probs[np.arange(len(labels)), labels]
-    return float(-np.mean(picked if log else np.log(np.maximum(picked, np.finfo(np.float64).tiny))))
+def tta_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL of averaged probabilities (floored at the smallest float64, so a 0 stays finite)."""
+    return evaluation.nll(np.log(np.maximum(probs, np.finfo(np.float64).tiny)), labels)
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -279,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
     started = time.perf_counter()
 
+    state_dict = pretrained_state_dict(cfg.weights, cfg.quiet)  # first: a missing file fails before any work
     splits = load_splits(cfg, workdir)
     train, val, test = splits["train"], splits["valid"], splits["test"]
     class_names, num_classes = train.class_names, train.num_classes
@@ -288,9 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = jaxvgg.create_model(MODEL, num_classes)
     fresh = jaxvgg.init_params(MODEL, key_init, num_classes)["params"]
-    pretrained = jaxvgg.from_torch("vgg16_torchvision", pretrained_state_dict(cfg.weights, cfg.quiet))["params"]
+    pretrained = jaxvgg.from_torch("vgg16_torchvision", state_dict)["params"]
     params = transplant_backbone(pretrained, fresh)
-    del pretrained, fresh
+    del state_dict, pretrained, fresh
     total, trainable = jaxvgg.count_params(params), count_trainable(params)
     print(f"VGG16 transfer, {num_classes} classes: {total:,} parameters, {trainable:,} trainable "
           f"({total - trainable:,} frozen)")
@@ -313,20 +307,20 @@ def main(argv: list[str] | None = None) -> dict:
         state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
                              train_transform=_features_as_they_are_train, eval_transform=_features_as_they_are)
         params = {**params, **state.params}  # the trained head back into the full model
-        log_probs = predict(state, test_x, _features_as_they_are)
+        log_probs = evaluation.predict_log_probs(state, test_x, _features_as_they_are)
     else:
         tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, params))
         state = TrainState.for_model(MODEL, model, params, tx, rng=key_train)  # log_softmax outputs: NLL loss
         state, history = fit(state, train, val, dataclasses.replace(fit_cfg, eval_batch_size=cfg.eval_batch_size),
                              train_transform=train_tf, eval_transform=eval_tf)
         params = state.params
-        log_probs = predict(state, test, eval_tf, batch_size=cfg.eval_batch_size)
+        log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size)
     train_time = time.perf_counter() - started
 
-    log_probs = normalised_log_probs(log_probs)
-    probs = np.exp(log_probs)
+    probs = np.exp(log_probs)  # log_probs: float64, rows logsumexp to 0
+    probs /= probs.sum(axis=1, keepdims=True)
     k = min(5, num_classes)
-    test_loss = mean_nll(log_probs, test.labels, log=True)
+    test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, class_names)
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, k), "top_k": k,
@@ -336,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         tta_probs = tta_probabilities(model, params, test, train_tf, cfg.tta, cfg.seed, cfg.eval_batch_size, cfg.quiet)
         summary.update(tta_views=cfg.tta, tta_accuracy=metrics.accuracy(test.labels, tta_probs.argmax(axis=1)),
                        tta_top5_accuracy=metrics.topk_accuracy(test.labels, tta_probs, k),
-                       tta_loss=mean_nll(tta_probs, test.labels, log=False))
+                       tta_loss=tta_nll(tta_probs, test.labels))
     summary.update(scores)
 
     preds = probs.argmax(axis=1)
@@ -364,4 +358,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -315,3 +315,18 @@ def trainable_mask(name: str, params: Any) -> Any:
         return {"params": trainable_mask(name, params["params"])}
     return {layer: jax.tree_util.tree_map(lambda _: not layer.startswith(frozen), sub)
             for layer, sub in params.items()}
+
+
+def parameter_table(params: Any) -> list[tuple[str, tuple[int, ...], int]]:
+    """(layer/leaf name, shape, count) of every parameter array, in flax's (sorted) key order.
+
+    Names join the flax path with ``/`` (``conv1/kernel``); shapes are flax's (kernels HWIO, Dense (in, out)).
+    A ``{"params": ...}`` wrapper is looked through.
+    """
+    params = params.get("params", params)
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = "/".join(str(getattr(entry, "key", entry)) for entry in path)
+        shape = tuple(int(d) for d in np.shape(leaf))
+        rows.append((name, shape, int(np.prod(shape))))
+    return rows

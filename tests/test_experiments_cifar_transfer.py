@@ -1,0 +1,196 @@
+"""Smoke runs of experiments.cifar_cnn and experiments.vgg16_transfer on small real subsets (../shared/data),
+and the pieces of the transfer experiment that can be checked in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxvgg
+from experiments import vgg16_transfer
+from jaxvgg import data, models
+from jaxvgg.models import parameter_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data sets not found at {SHARED_DATA}")
+
+# The tutorial prints 135,335,076 total / 1,074,532 trainable for 100 classes (parity_tests/test_forward.py);
+# the head's last Linear(256, n) has 257 parameters per class, so 3 classes give 97 * 257 fewer.
+VGG16_TRANSFER_3_CLASSES = (135_335_076 - 97 * 257, 1_074_532 - 97 * 257)  # (135,310,147, 1,049,603)
+CLASSES = ("airplane", "automobile", "bird")
+IMAGES_PER_CLASS = 8
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("module, data_flag", [("experiments.cifar_cnn", "--data-dir"),
+                                               ("experiments.vgg16_transfer", "--data-root")])
+def test_experiment_help_lists_its_options(module, data_flag):
+    out = _run(module, "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in (data_flag, "--epochs", "--limit", "--workdir"):
+        assert flag in out.stdout
+
+
+def test_parameter_table_lists_every_cifar_cnn_layer_and_sums_to_537610():
+    shapes = jax.eval_shape(lambda: jaxvgg.init_params("cifar_cnn", jax.random.key(0)))
+    rows = parameter_table(shapes)
+    assert [name for name, _, _ in rows][:2] == ["conv1/bias", "conv1/kernel"]
+    assert ("fc1/kernel", (1024, 128), 131_072) in rows
+    assert sum(count for _, _, count in rows) == 537_610  # the tutorial's count (parity_tests/test_forward.py)
+
+
+@needs_data
+def test_cifar_cnn_one_epoch_smoke_run_writes_metrics_and_plots(tmp_path):
+    workdir = tmp_path / "run"
+    out = _run("experiments.cifar_cnn", "--data-dir", str(SHARED_DATA), "--limit", "300", "--epochs", "1",
+               "--workdir", str(workdir), "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "conv3/kernel" in out.stdout and "537,610" in out.stdout  # the parameter table and its total
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["n_examples"] == 300 and summary["parameters"] == 537_610
+    assert set(summary["f1"]) == {"micro", "macro"}
+    assert summary["f1"]["micro"] == pytest.approx(summary["test_accuracy"])  # single-label: micro F1 = accuracy
+    assert 0.0 <= summary["cat_auc"] <= 1.0
+    assert summary["one_vs_rest_auc"]["cat"] == pytest.approx(summary["cat_auc"])
+    assert len(summary["one_vs_rest_auc"]) == 10 and np.sum(summary["confusion_matrix"]) == 300
+    roc = json.loads((workdir / "roc_cat.json").read_text())
+    assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
+    for name in ("config.json", "history.json", "loss_moving_mean.png", "history.png", "confusion_matrix.png",
+                 "roc_cat.png", "roc_all_classes.png", "report.md"):
+        assert (workdir / name).stat().st_size > 0, name
+
+
+# --- VGG16 transfer ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def transfer_inputs(tmp_path_factory):
+    """A flat <class>/ folder of 3 x 8 real CIFAR-10 test images (PNG) and a random torchvision VGG16 .pth."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("transfer")
+    test = data.load_cifar10(SHARED_DATA)["test"]
+    for name in CLASSES:
+        folder = root / "flat" / name
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(test.labels == data.CIFAR10_CLASSES.index(name))[:IMAGES_PER_CLASS]:
+            Image.fromarray(test.images[i]).save(folder / f"{i:05d}.png")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), root / "vgg16.pth")
+    return root
+
+
+def test_vgg16_transfer_cached_features_smoke_run(transfer_inputs, tmp_path):
+    workdir, split = tmp_path / "run", tmp_path / "split"
+    out = _run("experiments.vgg16_transfer", "--split-from", str(transfer_inputs / "flat"), "--data-root", str(split),
+               "--weights", str(transfer_inputs / "vgg16.pth"), "--cache-features", "true", "--epochs", "1",
+               "--batch-size", "4", "--workdir", str(workdir), "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    total, trainable = VGG16_TRANSFER_3_CLASSES
+    assert f"{total:,} parameters, {trainable:,} trainable" in out.stdout
+    for name, per_class in (("train", 4), ("valid", 2), ("test", 2)):  # 50/25/25 of 8 images per class
+        assert sorted(p.name for p in (split / name).iterdir()) == list(CLASSES)
+        assert all(len(list((split / name / c).iterdir())) == per_class for c in CLASSES), name
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["top5_accuracy"] == 1.0 and summary["top_k"] == 3  # 3 classes: top-3 always hits
+    assert summary["n_examples"] == 6 and summary["cached_features"] is True
+    assert (summary["parameters"], summary["trainable_parameters"]) == VGG16_TRANSFER_3_CLASSES
+    for name in ("history.json", "history.png", "confusion_matrix.png", "per_class_vs_count.png",
+                 "topk_predictions.png", "report.md"):
+        assert (workdir / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_vgg16_transfer_full_model_smoke_run_with_tta(transfer_inputs, tmp_path):
+    split = tmp_path / "split"
+    data.split_image_folder(transfer_inputs / "flat", split, seed=0)
+    workdir = tmp_path / "run"
+    out = _run("experiments.vgg16_transfer", "--data-root", str(split), "--weights", str(transfer_inputs / "vgg16.pth"),
+               "--limit", "4", "--epochs", "1", "--batch-size", "2", "--tta", "2", "--workdir", str(workdir),
+               "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["n_examples"] == 4 and summary["cached_features"] is False
+    assert summary["tta_views"] == 2 and 0.0 <= summary["tta_accuracy"] <= 1.0 and summary["tta_loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def small_transfer_model():
+    """vgg16_transfer (3 classes) with 64-wide hidden layers at 32x32: the same code path at a fraction of the cost."""
+    model = jaxvgg.create_model("vgg16_transfer", 3, hidden=64)
+    params = jaxvgg.init_params("vgg16_transfer", jax.random.PRNGKey(0), 3, (32, 32, 3), hidden=64)
+    return model, params["params"]
+
+
+def test_transfer_head_on_classifier_4_features_equals_the_full_model(small_transfer_model):
+    model, params = small_transfer_model
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    full, acts = models.layer_outputs(model, {"params": params}, images)
+    head = vgg16_transfer.TransferHead(3)
+    head_params = {k: v for k, v in params.items() if k.startswith(vgg16_transfer.HEAD_PREFIX)}
+    head_shapes = jax.eval_shape(head.init, jax.random.PRNGKey(2), acts["classifier_4"])["params"]
+    assert jax.tree_util.tree_map(np.shape, head_shapes) == jax.tree_util.tree_map(np.shape, head_params)
+    out = head.apply({"params": head_params}, acts["classifier_4"])
+    diff = float(np.max(np.abs(np.asarray(out) - np.asarray(full))))
+    assert diff < 1e-5, f"max |head(features) - full model| = {diff}"  # float32, same ops in the same order
+
+
+def test_transplant_backbone_copies_all_but_the_head_and_names_a_wrong_shape(small_transfer_model):
+    _, fresh = small_transfer_model
+    pretrained = jax.tree_util.tree_map(lambda x: np.full(np.shape(x), 7.0, np.float32), fresh)
+    pretrained["classifier_6"] = {"kernel": np.zeros((64, 1000)), "bias": np.zeros(1000)}  # torchvision's head
+    for layer in [k for k in pretrained if k.startswith("classifier_6_")]:
+        del pretrained[layer]
+    merged = vgg16_transfer.transplant_backbone(pretrained, fresh)
+    assert set(merged) == set(fresh)
+    assert float(merged["features_0"]["kernel"][0, 0, 0, 0]) == 7.0
+    assert merged["classifier_6_3"]["kernel"] is fresh["classifier_6_3"]["kernel"]  # the head keeps its init
+    pretrained["features_0"] = {"kernel": np.zeros((3, 3, 3, 32)), "bias": np.zeros(64)}
+    with pytest.raises(ValueError, match=r"features_0/kernel: expected shape \(3, 3, 3, 64\), found \(3, 3, 3, 32\)"):
+        vgg16_transfer.transplant_backbone(pretrained, fresh)
+
+
+def test_missing_weights_offline_tells_the_user_to_pass_weights(monkeypatch):
+    pytest.importorskip("torchvision")
+    from torchvision.models import VGG16_Weights
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(VGG16_Weights, "get_state_dict", offline)
+    with pytest.raises(FileNotFoundError, match="pass --weights"):
+        vgg16_transfer.pretrained_state_dict(None, quiet=True)
+
+
+def test_tta_averages_probabilities_over_augmented_views():
+    model = jaxvgg.create_model("cifar_cnn")
+    params = jaxvgg.init_params("cifar_cnn", jax.random.PRNGKey(0))["params"]
+    rng = np.random.default_rng(0)
+    dataset = data.Dataset(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.arange(5) % 2, ("a",) * 10)
+
+    def shift(key, images):  # a random brightness per batch: views differ, the mean is of real probabilities
+        return images / 255.0 + jax.random.uniform(key)
+
+    probs = vgg16_transfer.tta_probabilities(model, params, dataset, shift, views=3, seed=0, batch_size=2, quiet=True)
+    assert probs.shape == (5, 10) and np.allclose(probs.sum(axis=1), 1.0)
+    one = vgg16_transfer.tta_probabilities(model, params, dataset, shift, views=1, seed=0, batch_size=2, quiet=True)
+    assert not np.allclose(one, probs)  # more views change the average
+    again = vgg16_transfer.tta_probabilities(model, params, dataset, shift, views=3, seed=0, batch_size=2, quiet=True)
+    np.testing.assert_array_equal(again, probs)  # seeded
