@@ -21,8 +21,8 @@ import numpy as np
 
 import jaxvgg
 from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
-from jaxvgg import augment, data, metrics, optim, plots
-from jaxvgg.train import FitConfig, TrainState, fit, predict
+from jaxvgg import augment, data, evaluation, metrics, optim, plots
+from jaxvgg.train import FitConfig, TrainState, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_time = time.perf_counter() - started
 
     # test set: every number and figure the tutorial looks at
-    log_probs = jax.nn.log_softmax(predict(state, test, eval_tf))
-    probs = np.exp(np.asarray(log_probs, np.float64))
-    probs /= probs.sum(axis=1, keepdims=True)
-    test_loss = float(-np.mean(log_probs[np.arange(len(test)), test.labels]))
+    log_probs = evaluation.predict_log_probs(state, test, eval_tf)
+    probs = np.exp(log_probs)
+    test_loss = evaluation.nll(log_probs, test.labels)
     summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
     summary = {"test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),
                "wall_time_s": train_time, "parameters": jaxvgg.count_params(params), **summary}

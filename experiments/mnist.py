@@ -43,7 +43,9 @@ REJECT_THRESHOLDS = (0.5, 0.9, 0.99)  # reported in summary.json; the plot sweep
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The MNIST lab. Defaults: LeNet, SGD momentum 0.9, batch 64, 30 epochs, lr from the range test."""
+    """The MNIST lab. Defaults: LeNet, SGD momentum 0.9 + weight decay 5e-4, batch 64, 30 epochs, lr from the
+    range test decayed by a cosine, shifts of up to 2 pixels (the lab's plain run: --schedule constant
+    --augment false --weight-decay 0)."""
 
     data_dir: str | None = dataclasses.field(default=None, metadata={
         "help": "folder with the four MNIST IDX files (else $JAXVGG_DATA_DIR, else tfds)"})
@@ -57,6 +59,12 @@ class Config:
     optimizer: str = dataclasses.field(default="sgd", metadata={
         "help": "sgd (with --momentum) or adam", "choices": ["sgd", "adam"]})
     momentum: float = dataclasses.field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = dataclasses.field(default=5e-4, metadata={"help": "coupled L2 (torch style); 0 for none"})
+    schedule: str = dataclasses.field(default="cosine", metadata={
+        "help": "lr schedule over the run, starting at the chosen lr; 'constant' is the lab's plain run",
+        "choices": ["cosine", "constant"]})
+    augment: bool = dataclasses.field(default=True, metadata={
+        "help": "random shifts of up to 2 pixels (crop with zero padding); false for the lab's plain run"})
     range_min_lr: float = dataclasses.field(default=1e-5, metadata={"help": "range test: first lr"})
     range_max_lr: float = dataclasses.field(default=1.0, metadata={"help": "range test: last planned lr"})
     range_steps: int | None = dataclasses.field(default=None, metadata={
@@ -78,10 +86,20 @@ def normalize(images):
     return augment.normalize(images, augment.MNIST_MEAN, augment.MNIST_STD)
 
 
-def train_transform(key, images):
+def shift_transform(key, images):
+    """Random shifts of up to 2 pixels (zero padding is the background), then the lab's normalisation."""
+    return normalize(augment.random_crop(key, images, padding=2))
+
+
+def plain_transform(key, images):
     """No augmentation: the key is unused."""
     del key
     return normalize(images)
+
+
+def train_transform(cfg: Config):
+    """The training transform the config asks for."""
+    return shift_transform if cfg.augment else plain_transform
 
 
 def history_name(cfg: Config, lr: float) -> str:
@@ -89,10 +107,16 @@ def history_name(cfg: Config, lr: float) -> str:
     return f"history_{cfg.model}_{cfg.optimizer}_lr{lr:g}_bs{cfg.batch_size}_e{cfg.epochs}.json"
 
 
-def new_state(cfg: Config, model: Any, params: Any, lr: float) -> TrainState:
-    """A fresh state from the run's initial parameters: every run of this config starts from the same point."""
-    momentum = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    tx = optim.create_optimizer(cfg.optimizer, lr, **momentum)
+def new_state(cfg: Config, model: Any, params: Any, lr: float, steps_per_epoch: int | None = None) -> TrainState:
+    """A fresh state from the run's initial parameters: every run of this config starts from the same point.
+
+    With ``steps_per_epoch`` the configured schedule starts at ``lr``; without, the lr is constant (the
+    range test sets it step by step).
+    """
+    kw = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    if steps_per_epoch is not None and cfg.schedule != "constant":
+        lr = optim.make_schedule(cfg.schedule, lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    tx = optim.create_optimizer(cfg.optimizer, lr, weight_decay=cfg.weight_decay, **kw)
     key_train = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
     return TrainState.for_model(MODEL_NAMES[cfg.model], model, params, tx, rng=key_train)
 
@@ -107,7 +131,7 @@ def choose_lr(cfg: Config, model: Any, params: Any, train: data.Dataset, workdir
         print(f"resuming: lr {found['suggested_lr']:.4g} from {saved}")
         return found["suggested_lr"], found["suggestions"]
     state = new_state(cfg, model, params, cfg.range_min_lr)
-    result = lr_finder.lr_range_test(state, train, transform=train_transform, batch_size=cfg.batch_size,
+    result = lr_finder.lr_range_test(state, train, transform=train_transform(cfg), batch_size=cfg.batch_size,
                                      min_lr=cfg.range_min_lr, max_lr=cfg.range_max_lr, num_steps=cfg.range_steps,
                                      seed=cfg.seed, quiet=cfg.quiet)
     lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
@@ -121,10 +145,10 @@ def choose_lr(cfg: Config, model: Any, params: Any, train: data.Dataset, workdir
 def train_run(cfg: Config, model: Any, params: Any, lr: float, train: data.Dataset, val: data.Dataset,
               workdir: Path) -> tuple[TrainState, dict, Path]:
     """One training run at ``lr`` in ``workdir``; also writes the history under its argument-built name."""
-    state = new_state(cfg, model, params, lr)
+    state = new_state(cfg, model, params, lr, data.num_batches(len(train), cfg.batch_size, drop_last=True))
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
                         resume=cfg.resume, quiet=cfg.quiet)
-    state, history = fit(state, train, val, fit_cfg, train_transform=train_transform, eval_transform=normalize)
+    state, history = fit(state, train, val, fit_cfg, train_transform=train_transform(cfg), eval_transform=normalize)
     named = workdir / history_name(cfg, lr)
     shutil.copyfile(workdir / "history.json", named)
     return state, history, named
