@@ -447,7 +447,8 @@ def plot_reject_curves(curves: Mapping, path, exact: Mapping | None = None) -> P
         ax_b.plot(exact["n_rejected"], exact["error_rate_accepted"], "-", lw=1.2, color="C0",
                   label="reject k least confident")
     ax_b.plot(curves["n_rejected"], curves["error_rate_accepted"], "o", ms=3, color="C3", label="thresholds")
-    ax_b.set_xlabel("number of rejected points")
+    ax_b.set_xlabel("number of rejected points (symlog)")
+    ax_b.set_xscale("symlog", linthresh=10)  # the errors go in the first few percent; linear would hide them
     ax_b.set_ylabel("error rate of accepted points")
     ax_b.set_title("(b) Error rate of accepted vs number rejected")
     ax_b.legend(fontsize="small")

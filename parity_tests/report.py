@@ -11,8 +11,12 @@ import json
 
 def markdown_table(rows: list[dict]) -> str:
     """The README's parity table."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")  # "|Δ|" must not end a markdown cell
+
     lines = ["| model | check | max abs diff | tolerance |", "|---|---|---:|---|"]
-    lines += [f"| {r['model']} | {r['check']} | {r['max_abs_diff']:.2e} | {r['tolerance']} |" for r in rows]
+    lines += [f"| {cell(r['model'])} | {cell(r['check'])} | {r['max_abs_diff']:.2e} | {cell(r['tolerance'])} |"
+              for r in rows]
     return "\n".join(lines)
 
 
