@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
+from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.models import parameter_table
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -101,13 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
     started = time.perf_counter()
 
-    splits = data.load_dataset("cifar10", cfg.data_dir)
-    train_all, test = splits["train"], splits["test"]
-    if cfg.limit is not None:
-        train_all, test = train_all.take(min(cfg.limit, len(train_all))), test.take(min(cfg.limit, len(test)))
-    train, val = data.train_val_split(train_all, cfg.val_fraction, seed=cfg.seed)
-    print(f"CIFAR-10: {len(train)} train, {len(val)} validation, {len(test)} test images; "
-          f"{jax.device_count()} {jax.default_backend()} device(s)")
+    train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
 
     model = jaxvgg.create_model(MODEL)
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))

@@ -11,6 +11,10 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import jax
+
+from jaxvgg import data
+
 C = TypeVar("C")
 
 
@@ -90,3 +94,16 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_splits(name: str, data_dir: str | None, limit: int | None, val_fraction: float,
+                seed: int) -> tuple[Any, Any, Any]:
+    """(train, val, test) of "mnist" or "cifar10": at most ``limit`` train and test images, seeded random val split."""
+    splits = data.load_dataset(name, data_dir)
+    train_all, test = splits["train"], splits["test"]
+    if limit is not None:
+        train_all, test = train_all.take(min(limit, len(train_all))), test.take(min(limit, len(test)))
+    train, val = data.train_val_split(train_all, val_fraction, seed=seed)
+    print(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test images; "
+          f"{jax.device_count()} {jax.default_backend()} device(s)")
+    return train, val, test
