@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_time = time.perf_counter() - started
 
     log_probs = evaluation.predict_log_probs(state, test, eval_tf)  # float64, rows logsumexp to 0
-    probs = np.exp(log_probs)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
     figures = [

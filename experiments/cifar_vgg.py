@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # test set: every number and figure the tutorial looks at
     log_probs = evaluation.predict_log_probs(state, test, eval_tf)
-    probs = np.exp(log_probs)
+    probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
     summary = {"test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),

@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the test set: loss, accuracy, confusion, t-SNE of the last layer's input, reject option
     log_probs = evaluation.predict_log_probs(state, test, normalize)
-    probs = np.exp(log_probs)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     classification = metrics.summarize_classification(test.labels, probs, data.MNIST_CLASSES)
     cm = np.asarray(classification["confusion_matrix"])

@@ -317,8 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size)
     train_time = time.perf_counter() - started
 
-    probs = np.exp(log_probs)  # log_probs: float64, rows logsumexp to 0
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = evaluation.probs_from_log_probs(log_probs)
     k = min(5, num_classes)
     test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, class_names)

@@ -56,7 +56,12 @@ def predict_log_probs(state: TrainState, dataset: Any, eval_transform: EvalTrans
 def predict_probs(state: TrainState, dataset: Any, eval_transform: EvalTransform,
                   batch_size: int = 500) -> np.ndarray:
     """Probabilities of every example: float64 (N, C), rows summing to 1 (see `predict_log_probs`)."""
-    probs = np.exp(predict_log_probs(state, dataset, eval_transform, batch_size))
+    return probs_from_log_probs(predict_log_probs(state, dataset, eval_transform, batch_size))
+
+
+def probs_from_log_probs(log_probs: np.ndarray) -> np.ndarray:
+    """float64 probabilities from `predict_log_probs` output, rows renormalised to sum to 1."""
+    probs = np.exp(np.asarray(log_probs, np.float64))
     return probs / probs.sum(axis=1, keepdims=True)
 
 
