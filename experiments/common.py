@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from jaxvgg import data
+from jaxvgg import data, runtime
 
 C = TypeVar("C")
 
@@ -87,7 +87,12 @@ def write_summary(workdir: Path, summary: dict) -> Path:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
-    """Runs an experiment's main; a missing data set or an occupied workdir is a message, not a traceback."""
+    """Runs an experiment's main; a missing data set or an occupied workdir is a message, not a traceback.
+
+    First re-executes the process with tcmalloc preloaded where it is installed (`jaxvgg.runtime`;
+    ``JAXVGG_ALLOCATOR=system`` opts out, ``JAXVGG_CPU_DEVICES=auto`` adds one XLA device per core).
+    """
+    runtime.reexec_with_fast_runtime()
     try:
         main(argv)
     except (FileNotFoundError, FileExistsError) as e:

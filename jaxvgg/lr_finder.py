@@ -174,7 +174,7 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
       diverge_factor: stop once the smoothed loss exceeds this many times its best value.
       smoothing: weight of the newest loss in the smoothed curve.
       burn_in: first steps the suggestions ignore (default: 10%, at least 1; see `suggest_lrs`).
-      num_devices: devices for data parallel (all when None).
+      num_devices: devices for data parallel (`parallel.auto_num_devices` when None).
       quiet: no progress bar.
 
     Returns:
@@ -193,7 +193,8 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
     lrs = range_test_lrs(min_lr, max_lr, num_steps)
     optim.set_lr(state.opt_state, min_lr)  # fail now, not after compiling, if the lr cannot be set
 
-    mesh = parallel.make_mesh(num_devices)
+    mesh = parallel.make_mesh(num_devices if num_devices is not None
+                              else parallel.auto_num_devices(state.params, batch_size))
     parallel.check_batch_size(batch_size, mesh)
     step_fn = parallel.data_parallel(partial(_transformed_train_step, transform=transform), mesh)
     work = parallel.replicate(state, mesh)  # a copy: the step donates it, the caller's arrays survive

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -53,10 +54,114 @@ vgg_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 vgg_linear_init = nn.initializers.normal(stddev=0.01)
 
 
-def _torch_conv(name: str, features: int, in_features: int, kernel: int, padding: int = 0) -> nn.Conv:
+# --- implementation switches ----------------------------------------------------------------
+# The same function can be computed in forms that run at very different speeds per backend. On the
+# CPU, XLA's convolution is slow for small spatial maps (VGG's last block on 2x2 inputs runs at about
+# 1 GFLOP/s) and for weight gradients, and max-pool's gradient (select-and-scatter) dominates small
+# networks; patches + one matmul ("im2col") and a reshape-based 2x2 max-pool run near the matmul
+# peak there. On GPU/TPU the native lax.conv / reduce_window forms are what cuDNN/XLA are tuned for.
+# "auto" picks per layer at trace time; the environment variable JAXVGG_IMPL=native|fast|auto
+# overrides every "auto" (the parity suite runs with both forms forced).
+CONV_IMPLS = ("auto", "lax", "im2col")
+POOL_IMPLS = ("auto", "reduce_window", "reshape")
+IMPL_ENV = "JAXVGG_IMPL"
+# In inference, im2col wins on the CPU below this many output pixels per image (VGG's last blocks),
+# and for single-channel inputs (2x for LeNet's first layer); lax.conv elsewhere (up to 2x for the
+# CIFAR CNN). In training, im2col wins everywhere measured.
+IM2COL_MAX_INFER_PIXELS = 64
+
+
+def _impl_mode() -> str:
+    mode = os.environ.get(IMPL_ENV, "auto")
+    if mode not in ("auto", "native", "fast"):
+        raise ValueError(f"{IMPL_ENV}={mode!r}; expected one of auto, native, fast")
+    return mode
+
+
+def resolve_conv_impl(impl: str, out_pixels: int, train: bool, in_channels: int = 0) -> str:
+    """The concrete conv form ("lax" or "im2col") for a layer with ``out_pixels`` = H*W outputs."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={impl!r}; expected one of {CONV_IMPLS}")
+    if impl != "auto":
+        return impl
+    mode = _impl_mode()
+    if mode != "auto":
+        return "lax" if mode == "native" else "im2col"
+    if jax.default_backend() != "cpu":
+        return "lax"
+    return "im2col" if train or out_pixels <= IM2COL_MAX_INFER_PIXELS or in_channels == 1 else "lax"
+
+
+def resolve_pool_impl(impl: str, train: bool) -> str:
+    """The concrete 2x2 max-pool form ("reduce_window" or "reshape")."""
+    if impl not in POOL_IMPLS:
+        raise ValueError(f"pool_impl={impl!r}; expected one of {POOL_IMPLS}")
+    if impl != "auto":
+        return impl
+    mode = _impl_mode()
+    if mode != "auto":
+        return "reduce_window" if mode == "native" else "reshape"
+    return "reshape" if train and jax.default_backend() == "cpu" else "reduce_window"
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 NHWC convolution as patches @ kernel: the same sums as lax.conv, one matmul.
+
+    The patch vector of each output pixel is ordered (kh, kw, C_in), matching the HWIO kernel
+    reshaped to (kh*kw*C_in, C_out).
+    """
+    kh, kw, cin, cout = kernel.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    b, h, w, _ = x.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    if cin == 1:
+        # one input channel (LeNet's first layer): the patch vectors are short (kh*kw) and the outputs
+        # few, so put the long axis (every output pixel) last: kernel^T (C_out, kh*kw) @ patches.
+        patches = jnp.stack([x[:, i:i + oh, j:j + ow, 0] for i in range(kh) for j in range(kw)])
+        y = kernel.reshape(kh * kw, cout).T @ patches.reshape(kh * kw, b * oh * ow)
+        return jnp.transpose(y.reshape(cout, b, oh, ow), (1, 2, 3, 0))
+    if (kh, kw) == (1, 1):
+        patches = x
+    else:
+        patches = jnp.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+    y = patches.reshape(b * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    return y.reshape(b, oh, ow, cout)
+
+
+class Conv2d(nn.Module):
+    """torch.nn.Conv2d (stride 1, symmetric zero padding) with flax.linen.Conv's parameters.
+
+    ``kernel`` is (kh, kw, C_in, C_out) and ``bias`` (C_out,), exactly as ``nn.Conv`` names and shapes
+    them, so checkpoints and conversion do not depend on ``impl``.
+    """
+
+    features: int
+    kernel_size: int
+    padding: int = 0
+    kernel_init: Callable = torch_default_kernel_init
+    bias_init: Callable = nn.initializers.zeros
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        k, p = self.kernel_size, self.padding
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        out_pixels = (x.shape[1] + 2 * p - k + 1) * (x.shape[2] + 2 * p - k + 1)
+        if resolve_conv_impl(self.impl, out_pixels, train, x.shape[-1]) == "im2col":
+            y = conv_im2col(x, kernel, p)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+def _torch_conv(name: str, features: int, in_features: int, kernel: int, padding: int = 0,
+                impl: str = "auto") -> Conv2d:
     fan_in = in_features * kernel * kernel
-    return nn.Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
-                   kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in), name=name)
+    return Conv2d(features, kernel, padding, kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(fan_in), impl=impl, name=name)
 
 
 def _torch_dense(name: str, features: int, in_features: int) -> nn.Dense:
@@ -64,9 +169,18 @@ def _torch_dense(name: str, features: int, in_features: int) -> nn.Dense:
                     bias_init=torch_default_bias_init(in_features), name=name)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2, floor mode (torch.nn.MaxPool2d(2))."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+def max_pool_2x2(x: jax.Array, impl: str = "reduce_window", train: bool = False) -> jax.Array:
+    """2x2 max-pool, stride 2, floor mode (torch.nn.MaxPool2d(2)).
+
+    "reshape" computes the same maxima as "reduce_window"; its gradient differs only where a
+    window holds two equal maxima (it splits the gradient, torch gives it to the first). In these
+    networks pools follow ReLUs, so such ties are zeros, whose gradient the ReLU zeroes anyway.
+    """
+    if resolve_pool_impl(impl, train) == "reduce_window":
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    b, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def torch_flatten(x: jax.Array) -> jax.Array:
@@ -112,6 +226,8 @@ class VGG(nn.Module):
       transfer_head: replace classifier[6] by Linear(4096, h) -> ReLU -> Dropout(p) -> Linear(h, n)
         -> LogSoftmax, given as (h, p); then the output is log-probabilities.
       freeze_features: stop gradients below the transfer head (the tutorial freezes them).
+      conv_impl / pool_impl: how convs and max-pools are computed (see `resolve_conv_impl`);
+        every form computes the same function.
     """
 
     cfg: Sequence[int | str]
@@ -121,6 +237,8 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     transfer_head: tuple[int, float] | None = None
     freeze_features: bool = False
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
 
     def _record(self, name: str, x: jax.Array) -> jax.Array:
         self.sow("intermediates", name, x)
@@ -129,13 +247,14 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         idx = 0
+        features_train = train and not self.freeze_features  # frozen features only run forward
         for v in self.cfg:
             if v == "M":
-                x = self._record(f"features_{idx}", max_pool_2x2(x))
+                x = self._record(f"features_{idx}", max_pool_2x2(x, self.pool_impl, features_train))
                 idx += 1
             else:
-                x = nn.Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), kernel_init=vgg_conv_init,
-                            bias_init=nn.initializers.zeros, name=f"features_{idx}")(x)
+                x = Conv2d(int(v), 3, 1, kernel_init=vgg_conv_init, bias_init=nn.initializers.zeros,
+                           impl=self.conv_impl, name=f"features_{idx}")(x, features_train)
                 x = self._record(f"features_{idx + 1}", nn.relu(x))
                 idx += 2
         if self.avgpool_size is not None:
@@ -168,14 +287,16 @@ class CifarCNN(nn.Module):
     """
 
     num_classes: int = 10
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no dropout in this network
+        # no dropout in this network; ``train`` only picks the fastest conv/pool forms
         in_ch = x.shape[-1]
         for name, width in (("conv1", 64), ("conv2", 128), ("conv3", 256)):
-            x = _torch_conv(name, width, in_ch, 3)(x)
-            x = max_pool_2x2(nn.relu(x))
+            x = _torch_conv(name, width, in_ch, 3, impl=self.conv_impl)(x, train)
+            x = max_pool_2x2(nn.relu(x), self.pool_impl, train)
             in_ch = width
         x = torch_flatten(x)  # (B, 2, 2, 256) -> (B, 1024), torch flatten order
         for name, width in (("fc1", 128), ("fc2", 256)):
@@ -202,14 +323,17 @@ class MnistLeNet(nn.Module):
     """LeNet-5-like net for 1x28x28: conv(1->6, 5x5, pad 2)-pool-conv(6->16, 5x5)-pool-120-84-10."""
 
     num_classes: int = 10
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train
-        x = _torch_conv("conv1", 6, x.shape[-1], 5, padding=2)(x)
-        x = max_pool_2x2(nn.relu(x))  # (B, 14, 14, 6)
-        x = _torch_conv("conv2", 16, 6, 5)(x)
-        x = torch_flatten(max_pool_2x2(nn.relu(x)))  # (B, 5, 5, 16) -> (B, 400)
+        conv = partial(_torch_conv, impl=self.conv_impl)
+        pool = partial(max_pool_2x2, impl=self.pool_impl, train=train)
+        x = conv("conv1", 6, x.shape[-1], 5, padding=2)(x, train)
+        x = pool(nn.relu(x))  # (B, 14, 14, 6)
+        x = conv("conv2", 16, 6, 5)(x, train)
+        x = torch_flatten(pool(nn.relu(x)))  # (B, 5, 5, 16) -> (B, 400)
         for name, width in (("fc1", 120), ("fc2", 84)):
             x = _torch_dense(name, width, x.shape[-1])(x)
             x = nn.relu(x)
@@ -219,7 +343,7 @@ class MnistLeNet(nn.Module):
 
 def INTERMEDIATE_LAYERS(module: nn.Module, method_name: str) -> bool:
     """capture_intermediates filter: the outputs of the layers that mirror torch modules."""
-    return method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense, nn.Dropout))
+    return method_name == "__call__" and isinstance(module, (Conv2d, nn.Conv, nn.Dense, nn.Dropout))
 
 
 def layer_outputs(model: nn.Module, variables: Any, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict]:

@@ -125,7 +125,7 @@ class FitConfig:
     plateau_max_reductions: int = 3
     plateau_threshold: float = 1e-4  # absolute val-accuracy gain that counts as improvement
     early_stopping_patience: int | None = None  # stop after this many epochs without val-loss gain
-    num_devices: int | None = None  # None: all devices
+    num_devices: int | None = None  # None: parallel.auto_num_devices (all, or one for big nets on the CPU)
     quiet: bool = False  # no progress bars, one line per epoch
 
 
@@ -215,7 +215,8 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
       FloatingPointError: when the loss becomes NaN/inf, naming the step and lr; checkpoints of
         earlier epochs are kept.
     """
-    mesh = parallel.make_mesh(config.num_devices)
+    mesh = parallel.make_mesh(config.num_devices if config.num_devices is not None
+                              else parallel.auto_num_devices(state.params, config.batch_size))
     parallel.check_batch_size(config.batch_size, mesh)
     steps_per_epoch = data.num_batches(len(train_data), config.batch_size, drop_last=True)
     if steps_per_epoch == 0:
@@ -257,21 +258,32 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
         batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=config.quiet, leave=False, dynamic_ncols=True)
-        for i, batch in enumerate(bar):
-            state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
+        step0 = int(state.step)
+        pending = None  # the previous step's metrics, read only after the next step is dispatched
+
+        def record_step(i: int, metrics: dict, n: int) -> None:
+            # float() waits for that step; the step after it is already queued, so the device never idles
+            # while the host gathers the next batch or writes the history.
             loss, acc, lr = float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["lr"])
-            step = int(state.step)
             if not math.isfinite(loss):
                 where = f" (epochs up to {epoch - 1} are in {workdir / 'checkpoints'})" if workdir else ""
-                raise FloatingPointError(f"loss is {loss} at step {step} (epoch {epoch}, batch {i + 1}), lr {lr:g}; "
-                                         f"stopping{where}")
-            n = len(batch["label"])
-            sums += (loss * n, acc * n, n)
+                raise FloatingPointError(f"loss is {loss} at step {step0 + i + 1} (epoch {epoch}, batch {i + 1}), "
+                                         f"lr {lr:g}; stopping{where}")
+            sums[:] += (loss * n, acc * n, n)
             h = history["batch"]
-            h["step"].append(step), h["epoch"].append(epoch - 1 + (i + 1) / steps_per_epoch)
+            h["step"].append(step0 + i + 1), h["epoch"].append(epoch - 1 + (i + 1) / steps_per_epoch)
             h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
                             img_s=f"{sums[2] / (time.perf_counter() - start):.0f}", refresh=False)
+
+        for i, batch in enumerate(bar):
+            state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
+            if pending is not None:
+                record_step(*pending)
+            pending = (i, metrics, len(batch["label"]))
+        if pending is not None:
+            record_step(*pending)
+        lr = history["batch"]["lr"][-1]
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2]),
                   "val_loss": None, "val_accuracy": None, "lr": lr, "time_s": elapsed,

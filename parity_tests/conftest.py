@@ -1,5 +1,10 @@
 """Collects the max |Δ| every parity check measured; prints the table and writes it as JSON.
 
+Every test that builds a model runs twice, once per form of the convolutions and max-pools
+(``jaxvgg.models``: "native" lax.conv / reduce_window, "fast" im2col / reshape max-pool), forced
+through ``$JAXVGG_IMPL``: speed must never change the function computed. Tests in
+`FORM_INDEPENDENT_MODULES` build no model and run once (recorded as "native").
+
 The report goes to ``$JAXVGG_PARITY_REPORT`` (default ``build/parity_report.json``);
 ``python -m parity_tests.report`` renders it as the README's markdown table.
 """
@@ -14,19 +19,52 @@ import pytest
 
 pytest.importorskip("torch", reason="parity tests compare against PyTorch: pip install -e '.[torch,dev]'")
 
-from parity_tests.report import markdown_table  # noqa: E402
+import jax  # noqa: E402
+
+from jaxvgg import models  # noqa: E402
+from parity_tests.report import FORMS, markdown_table  # noqa: E402
+
+# test modules (by file stem) that build no model: the form cannot matter, so they run once
+FORM_INDEPENDENT_MODULES = {"test_schedules"}
+# what each forced form must resolve an "auto" layer to (guards against the switch being ignored)
+_EXPECTED = {"native": ("lax", "reduce_window"), "fast": ("im2col", "reshape")}
 
 _RECORDS: list[dict] = []
 
 
+def _sort_key(row: dict) -> tuple:
+    return row["model"], row["check"], row["impl"]
+
+
+def pytest_generate_tests(metafunc):
+    if Path(metafunc.definition.fspath).stem not in FORM_INDEPENDENT_MODULES:
+        metafunc.parametrize("impl", FORMS, ids=FORMS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def impl(request, monkeypatch):
+    """The form of convs and max-pools this test runs with: JAXVGG_IMPL, set for the test's duration.
+
+    The variable is read at trace time and jax's caches do not key on it (flax modules compare equal
+    by their fields), so a trace cached under one form could be reused under the other: the caches
+    are cleared on the way in and out.
+    """
+    form = getattr(request, "param", "native")
+    monkeypatch.setenv(models.IMPL_ENV, form)
+    assert (models.resolve_conv_impl("auto", 1, False), models.resolve_pool_impl("auto", False)) == _EXPECTED[form]
+    jax.clear_caches()
+    yield form
+    jax.clear_caches()
+
+
 @pytest.fixture
-def record():
+def record(impl):
     """record(model, check, max_abs, tol): log one measured max |Δ| against its tolerance."""
 
     def _record(model: str, check: str, max_abs: float, tol: str) -> None:
-        row = {"model": model, "check": check, "max_abs_diff": float(max_abs), "tolerance": tol}
+        row = {"model": model, "check": check, "impl": impl, "max_abs_diff": float(max_abs), "tolerance": tol}
         _RECORDS.append(row)
-        print(f"[parity] {model:<28} {check:<40} max|Δ| = {max_abs:.3g}  ({tol})")
+        print(f"[parity] {model:<28} {check:<40} {impl:<6} max|Δ| = {max_abs:.3g}  ({tol})")
 
     return _record
 
@@ -37,7 +75,7 @@ def pytest_sessionfinish(session, exitstatus):
     path = Path(os.environ.get("JAXVGG_PARITY_REPORT", "build/parity_report.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(_RECORDS, key=lambda r: (r["model"], r["check"])), indent=1))
+    tmp.write_text(json.dumps(sorted(_RECORDS, key=_sort_key), indent=1))
     os.replace(tmp, path)
 
 
@@ -45,5 +83,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RECORDS:
         return
     terminalreporter.section("parity: max |Δ| measured (jaxvgg vs PyTorch)")
-    terminalreporter.write_line(markdown_table(sorted(_RECORDS, key=lambda r: (r["model"], r["check"]))))
+    terminalreporter.write_line(markdown_table(sorted(_RECORDS, key=_sort_key)))
     terminalreporter.write_line(f"written to {os.environ.get('JAXVGG_PARITY_REPORT', 'build/parity_report.json')}")

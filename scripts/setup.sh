@@ -13,3 +13,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e ".[torch,dev]"
     touch "$stamp"
 fi
+# tcmalloc: the experiments re-exec with it preloaded (jaxvgg/runtime.py); optional, so a machine
+# without root or apt just runs with the system allocator.
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+            || echo "note: apt-get install libtcmalloc-minimal4 failed; using the system allocator" >&2
+    fi
+fi

@@ -1,0 +1,56 @@
+"""Smoke test of `python -m experiments.benchmark` (tiny step counts; no speed is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import benchmark
+from jaxvgg import models
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data"
+
+
+def test_flop_count_of_the_cifar_cnn():
+    # MACs by hand: conv1 30*30*64*27, conv2 13*13*128*576, conv3 4*4*256*1152, fc 1024*128 + 128*256 + 256*10
+    macs = 30 * 30 * 64 * 27 + 13 * 13 * 128 * 576 + 4 * 4 * 256 * 1152 + 1024 * 128 + 128 * 256 + 256 * 10
+    model = models.create_model("cifar_cnn")
+    variables = models.init_params("cifar_cnn", jax.random.PRNGKey(0))
+    for conv_impl in ("lax", "im2col"):  # counted the same whichever form computes the convs
+        model = models.create_model("cifar_cnn", conv_impl=conv_impl)
+        jaxpr = jax.make_jaxpr(model.apply)(variables, jnp.zeros((3, 32, 32, 3)))
+        assert benchmark.jaxpr_flops(jaxpr) == 3 * 2 * macs
+
+
+@pytest.mark.skipif(not (CIFAR / "cifar-10-binary.tar.gz").exists(), reason="needs ../shared/data")
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--models", "cifar_cnn,transfer_head", "--rounds", "2",
+         "--steps", "1", "--train-batch", "16", "--infer-batch", "16", "--allocators", "current",
+         "--epoch-limit", "256", "--data-dir", str(CIFAR), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("cifar_cnn", "train"), ("cifar_cnn", "infer"), ("transfer_head", "train"), ("transfer_head", "infer"),
+        ("cifar_cnn", "epoch")]
+    for r in rows[:4]:
+        assert {"model", "mode", "jax_img_s", "torch_img_s", "ratio", "gflops", "compile_s"} <= set(r)
+        assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and len(r["jax_rounds"]) == 2
+        assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
+        assert r["output_max_abs_diff"] < 1e-5  # the two sides computed the same network
+    assert rows[0]["mflop_per_img"] == pytest.approx(3 * rows[1]["mflop_per_img"])
+    assert rows[4]["images"] == 256 and 0 < rows[4]["pipeline_fraction"] < 1
+    assert "| cifar_cnn | train |" in proc.stdout
+
+
+def test_benchmark_rejects_unknown_models():
+    proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--models", "resnet50"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "resnet50" in proc.stderr
