@@ -78,6 +78,17 @@ def transforms(image_size: int):
     return train, evaluate
 
 
+def build_state(cfg: Config, steps_per_epoch: int) -> TrainState:
+    """The step-0 TrainState of a run with ``cfg``; also the template its checkpoints restore into."""
+    model = jaxvgg.create_model("vgg11", num_classes=10, dropout_rate=cfg.dropout)
+    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    params = jaxvgg.init_params("vgg11", key_init, 10, (cfg.image_size, cfg.image_size, 3), dropout_rate=cfg.dropout)
+    lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
+        cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return TrainState.for_model("vgg11", model, params, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
@@ -85,16 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
 
-    model = jaxvgg.create_model("vgg11", num_classes=10, dropout_rate=cfg.dropout)
-    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    params = jaxvgg.init_params("vgg11", key_init, 10, (cfg.image_size, cfg.image_size, 3), dropout_rate=cfg.dropout)
+    state = build_state(cfg, steps_per_epoch=data.num_batches(len(train), cfg.batch_size, drop_last=True))
+    params = state.params
     print(f"VGG-A: {jaxvgg.count_params(params):,} parameters")
-
-    steps_per_epoch = data.num_batches(len(train), cfg.batch_size, drop_last=True)
-    lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
-        cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    state = TrainState.for_model("vgg11", model, params, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
 
     train_tf, eval_tf = transforms(cfg.image_size)
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),

@@ -3,7 +3,8 @@
 Every test that builds a model runs twice, once per form of the convolutions and max-pools
 (``jaxvgg.models``: "native" lax.conv / reduce_window, "fast" im2col / reshape max-pool), forced
 through ``$JAXVGG_IMPL``: speed must never change the function computed. Tests in
-`FORM_INDEPENDENT_MODULES` build no model and run once (recorded as "native").
+`FORM_INDEPENDENT_MODULES` / `FORM_INDEPENDENT_TESTS` compute no model output and run once
+(recorded as "native"); the fast-form copies of the 10-step optimizer runs are marked slow.
 
 The report goes to ``$JAXVGG_PARITY_REPORT`` (default ``build/parity_report.json``);
 ``python -m parity_tests.report`` renders it as the README's markdown table.
@@ -24,8 +25,11 @@ import jax  # noqa: E402
 from jaxvgg import models  # noqa: E402
 from parity_tests.report import FORMS, markdown_table  # noqa: E402
 
-# test modules (by file stem) that build no model: the form cannot matter, so they run once
+# test modules (by file stem) and tests that compute no model output: the form cannot matter, so they run once
 FORM_INDEPENDENT_MODULES = {"test_schedules"}
+FORM_INDEPENDENT_TESTS = {"test_parameter_counts_equal_the_cited_constants",
+                          "test_torchvision_vgg16_round_trip_is_bit_exact"}
+FAST_FORM_SLOW_TESTS = {"test_ten_optimizer_steps_give_the_same_parameters"}
 # what each forced form must resolve an "auto" layer to (guards against the switch being ignored)
 _EXPECTED = {"native": ("lax", "reduce_window"), "fast": ("im2col", "reshape")}
 
@@ -37,8 +41,14 @@ def _sort_key(row: dict) -> tuple:
 
 
 def pytest_generate_tests(metafunc):
-    if Path(metafunc.definition.fspath).stem not in FORM_INDEPENDENT_MODULES:
-        metafunc.parametrize("impl", FORMS, ids=FORMS, indirect=True)
+    if Path(metafunc.definition.fspath).stem in FORM_INDEPENDENT_MODULES or metafunc.function.__name__ in \
+            FORM_INDEPENDENT_TESTS:
+        return
+    # the 10-step runs add only the optimizer (form-independent) to what the gradient tests prove in
+    # both forms; their fast-form copies run with the slow ones (scripts/test.sh --all)
+    slow_fast = metafunc.function.__name__ in FAST_FORM_SLOW_TESTS
+    metafunc.parametrize("impl", [pytest.param(form, id=form, marks=[pytest.mark.slow] if slow_fast and form == "fast"
+                                               else []) for form in FORMS], indirect=True)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("module", ["experiments.cifar_vgg"])
+@pytest.mark.parametrize("module", ["experiments.cifar_vgg", "experiments.vgga_transfer"])
 def test_experiment_help_lists_its_options(module):
     out = _run(module, "--help")
     assert out.returncode == 0, out.stderr
@@ -46,3 +46,21 @@ def test_cifar_vgg_one_epoch_smoke_run_writes_summary_and_plots(tmp_path):
                  "--batch-size", "32", "--workdir", str(workdir), "--quiet", "true", "--resume", "true")
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout + again.stderr
+
+    # its VGG-A as a frozen backbone: a new head on MNIST (the real transfer run of the README, in small)
+    transfer = tmp_path / "transfer"
+    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
+               "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir", str(transfer), "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((transfer / "summary.json").read_text())
+    assert summary["backbone_epoch"] == 1 and summary["backbone_checkpoint"] == "best"
+    assert summary["trainable_parameters"] == 4096 * 256 + 256 + 256 * 10 + 10
+    assert 0.0 <= summary["test_accuracy"] <= summary["top5_accuracy"] <= 1.0 and summary["n_examples"] == 200
+    for name in ("history.png", "confusion_matrix.png", "report.md"):
+        assert (transfer / name).stat().st_size > 0, name
+
+
+def test_vgga_transfer_names_a_missing_backbone(tmp_path):
+    out = _run("experiments.vgga_transfer", "--backbone", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 2
+    assert "nowhere" in out.stderr and "experiments.cifar_vgg" in out.stderr

@@ -1,0 +1,149 @@
+"""Transfer learning from our own VGG-A: CIFAR-10 features, frozen, with a new head trained on MNIST.
+
+    python -m experiments.vgga_transfer --backbone runs/cifar_vgg --data-dir ../shared/data/mnist
+
+The backbone is the best checkpoint (highest validation accuracy) of an `experiments.cifar_vgg` run at
+32x32. Its convolutional features and first two Linear layers are frozen; the output of
+classifier.4 (the ReLU after the second Linear, 4096-d) of every image is computed once, in evaluation
+mode, and the transfer tutorial's new head -- Dropout(0.5) -> Linear(4096, 256) -> ReLU -> Dropout(0.4)
+-> Linear(256, 10) -> LogSoftmax -- trains on those cached features with Adam and early stopping on the
+validation loss, exactly as `experiments.vgg16_transfer --cache-features` trains its head. MNIST digits
+are resized to 32x32 and repeated over three channels, then normalised with CIFAR-10's statistics, as the
+backbone saw its training images.
+
+Leaves in --workdir: config.json, history.json, checkpoints/ (of the head), history.png,
+confusion_matrix.png, summary.json (test accuracy/loss, top-5, backbone epoch and its CIFAR-10 val
+accuracy) and report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxvgg
+from experiments import cifar_vgg
+from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
+from experiments.vgg16_transfer import (HEAD_PREFIX, TransferHead, _features_as_they_are,
+                                        _features_as_they_are_train, extract_features)
+from jaxvgg import augment, evaluation, metrics, optim, plots
+from jaxvgg.checkpoint import Checkpoints
+from jaxvgg.train import FitConfig, TrainState, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A new head on frozen VGG-A (CIFAR-10) features, trained on MNIST."""
+
+    backbone: str = dataclasses.field(default="runs/cifar_vgg", metadata={
+        "help": "workdir of an experiments.cifar_vgg run (its config.json and checkpoints/)"})
+    data_dir: str | None = dataclasses.field(default=None, metadata={
+        "help": "folder with the four MNIST IDX files (else $JAXVGG_DATA_DIR, else tfds)"})
+    workdir: str = dataclasses.field(default="runs/vgga_transfer", metadata={"help": "where every output goes"})
+    epochs: int = dataclasses.field(default=10, metadata={"help": "most epochs of head training"})
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "batch size of head training"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate (the transfer tutorial's)"})
+    patience: int = dataclasses.field(default=3, metadata={"help": "early stopping: epochs without a lower val loss"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
+    limit: int | None = dataclasses.field(default=None, metadata={
+        "help": "use at most N training and N test images (quick runs)"})
+    eval_batch_size: int = dataclasses.field(default=500, metadata={"help": "batch size of feature extraction"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "split, head init, data order, dropout"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
+
+
+def load_backbone(run_dir: str | Path) -> tuple[Any, Any, dict]:
+    """(VGG-A model, params, info) from the best checkpoint of a cifar_vgg run in ``run_dir``.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint there, naming the folder.
+      ValueError: a run at another image size than 32.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --backbone must be the workdir of an "
+                                "experiments.cifar_vgg run")
+    saved = json.loads(config_path.read_text())
+    known = {f.name for f in dataclasses.fields(cifar_vgg.Config)}
+    run_cfg = cifar_vgg.Config(**{k: v for k, v in saved.items() if k in known})
+    if run_cfg.image_size != 32:
+        raise ValueError(f"{config_path}: image_size {run_cfg.image_size}; the MNIST transfer needs a 32x32 backbone")
+    # any valid length: the lr schedule is a function of the step, not part of the checkpointed pytree
+    template = cifar_vgg.build_state(run_cfg, steps_per_epoch=1000)
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=1, best_metric="val_accuracy")
+    best = checkpoints.best_epoch() is not None
+    state, meta = checkpoints.restore(template, best=best)  # FileNotFoundError when there is none
+    checkpoints.close()
+    val_acc = meta["history"]["epoch"]["val_accuracy"][meta["epoch"] - 1]
+    info = {"backbone": str(run_dir), "backbone_epoch": meta["epoch"], "backbone_checkpoint": "best" if best else "last",
+            "backbone_val_accuracy": val_acc}
+    model = jaxvgg.create_model("vgg11", num_classes=10, dropout_rate=run_cfg.dropout)
+    return model, state.params, info
+
+
+def mnist_as_cifar(images: jax.Array) -> jax.Array:
+    """uint8 (B, 28, 28, 1) digits -> float32 (B, 32, 32, 3): resized, grey repeated, CIFAR-10 normalised."""
+    x = augment.resize(images.astype(jnp.float32) / 255.0, 32)
+    return augment.normalize(jnp.repeat(x, 3, axis=-1), augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(Config, argv, __doc__)
+    model, params, info = load_backbone(cfg.backbone)  # first: a missing run fails before any work
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    started = time.perf_counter()
+    train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
+    print(f"backbone: VGG-A epoch {info['backbone_epoch']} ({info['backbone_checkpoint']}) of {cfg.backbone}, "
+          f"CIFAR-10 val accuracy {info['backbone_val_accuracy']:.4f}")
+
+    t0 = time.perf_counter()
+    train_x, val_x, test_x = extract_features(model, params, [train, val, test], mnist_as_cifar, cfg.eval_batch_size,
+                                              cfg.quiet)
+    print(f"cached classifier.4 features of {len(train) + len(val) + len(test)} images in {time.perf_counter() - t0:.0f} s")
+
+    head = TransferHead(train.num_classes)
+    head_params = jax.jit(head.init)(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, train_x.images.shape[1])))["params"]
+    trainable = jaxvgg.count_params(head_params)
+    print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
+    state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr),
+                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True)
+    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
+                        resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
+                        eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
+    state, history = fit(state, train_x, val_x, fit_cfg, train_transform=_features_as_they_are_train,
+                         eval_transform=_features_as_they_are)
+    train_time = time.perf_counter() - started
+
+    log_probs = evaluation.predict_log_probs(state, test_x, _features_as_they_are)
+    probs = evaluation.probs_from_log_probs(log_probs)
+    test_loss = evaluation.nll(log_probs, test.labels)
+    scores = metrics.summarize_classification(test.labels, probs, test.class_names)
+    summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
+               "top5_accuracy": metrics.topk_accuracy(test.labels, probs, 5),
+               "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
+               "trainable_parameters": trainable, **info, **scores}
+    figures = [
+        plots.plot_history(history, workdir / "history.png", label="VGG-A (CIFAR-10) features, new head on MNIST"),
+        plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), test.class_names,
+                                    workdir / "confusion_matrix.png"),
+    ]
+    write_summary(workdir, summary)
+    plots.write_report(workdir, "Transfer: VGG-A (CIFAR-10) features -> MNIST", summary, figures,
+                       extra_md=f"Head parameters: {HEAD_PREFIX}_0, {HEAD_PREFIX}_3; features cached in evaluation mode.")
+    print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
+          f"test loss {test_loss:.4f}; outputs in {workdir}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
