@@ -44,6 +44,7 @@ import numpy as np
 
 from experiments.common import parse_config
 from jaxvgg import augment, convert, data, models, optim, parallel, runtime
+from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit, train_step
 
 MODEL_NAMES = ("cifar_cnn", "vgg11", "mnist_lenet", "transfer_head")
@@ -474,11 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row["machine"] = where
     if cfg.json:
-        path = Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, path)
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.json, rows)
     if not cfg.child:
         print(f"\n{where}\n" + table(rows))
     return rows

@@ -14,7 +14,6 @@ class, confusion matrix) and report.md showing all of it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
+from jaxvgg.checkpoint import write_json
 from jaxvgg.models import parameter_table
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if 0 < np.sum(test.labels == CAT) < len(test):  # a ROC curve needs positives and negatives
         cat_curve = metrics.roc_for_class(test.labels, probs, CAT)
         cat_auc = cat_curve["auc"]
-        (workdir / "roc_cat.json").write_text(json.dumps(_json_curve(cat_curve), allow_nan=False))
+        write_json(workdir / "roc_cat.json", _json_curve(cat_curve), allow_nan=False)
         figures.append(plots.plot_roc({"cat": cat_curve}, workdir / "roc_cat.png"))
         present = [c for c in range(len(data.CIFAR10_CLASSES)) if 0 < np.sum(test.labels == c) < len(test)]
         figures.append(plots.plot_roc({data.CIFAR10_CLASSES[c]: metrics.roc_for_class(test.labels, probs, c)

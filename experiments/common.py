@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from jaxvgg import data, runtime
+from jaxvgg.checkpoint import write_json
 
 C = TypeVar("C")
 
@@ -71,19 +72,13 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool) -> Pa
         if changed:
             raise ValueError(f"--resume with a different config than {saved}: "
                              + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)))
-    tmp = saved.with_suffix(".json.tmp")
-    tmp.write_text(config_json)
-    os.replace(tmp, saved)
+    write_json(saved, dataclasses.asdict(config), sort_keys=True)
     return path
 
 
 def write_summary(workdir: Path, summary: dict) -> Path:
     """summary.json, written atomically."""
-    path = workdir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return write_json(workdir / "summary.json", summary, allow_nan=False)
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:

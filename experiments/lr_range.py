@@ -14,7 +14,6 @@ during the test is thrown away (its lr was never a sensible one), so there is no
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from functools import partial
@@ -24,6 +23,7 @@ import jax
 import jaxvgg
 from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, lr_finder, optim
+from jaxvgg.checkpoint import write_json
 from jaxvgg.train import TrainState
 
 MODELS = ("mnist_linear", "mnist_lenet", "cifar_cnn", "vgg11")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         min_lr=cfg.min_lr, max_lr=cfg.max_lr, num_steps=cfg.num_steps, seed=cfg.seed,
         diverge_factor=cfg.diverge_factor, smoothing=cfg.smoothing, quiet=cfg.quiet)
     lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
-    (workdir / "lr_range.json").write_text(json.dumps(result.to_json(), indent=1))
+    write_json(workdir / "lr_range.json", result.to_json())
 
     summary = {"model": cfg.model, "dataset": dataset, "optimizer": cfg.optimizer,
                "suggested_lr": result.suggested_lr, "suggestions": result.suggestions,

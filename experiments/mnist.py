@@ -35,6 +35,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
 from jaxvgg import augment, data, evaluation, lr_finder, metrics, optim, plots
+from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL_NAMES = {"lenet": "mnist_lenet", "linear": "mnist_linear"}
@@ -135,7 +136,7 @@ def choose_lr(cfg: Config, model: Any, params: Any, train: data.Dataset, workdir
                                      min_lr=cfg.range_min_lr, max_lr=cfg.range_max_lr, num_steps=cfg.range_steps,
                                      seed=cfg.seed, quiet=cfg.quiet)
     lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
-    saved.write_text(json.dumps(result.to_json(), indent=1))
+    write_json(saved, result.to_json())
     print(f"lr range test: {result.lrs.size}/{result.num_steps} steps"
           f"{', stopped early' if result.stopped_early else ''}; "
           + ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items()))

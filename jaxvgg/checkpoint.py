@@ -13,6 +13,7 @@ saving leaves the earlier checkpoints intact, and a half-written one is cleaned 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,20 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """Writes ``obj`` as JSON to ``path`` atomically: a sibling temporary file, flushed to disk, then
+    renamed over ``path``, so a reader (or a killed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    text = json.dumps(obj, **{"indent": 1, **dumps_kwargs})  # fails before anything is touched
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def _manager(directory: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxvgg import models
+
 DATA_AXIS = "data"
 
 
@@ -78,8 +80,8 @@ def auto_num_devices(params: Any, batch_size: int | None = None) -> int:
     device), and at most the largest count that ``batch_size`` divides evenly over.
     """
     devices = jax.devices()
-    size = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-    n = 1 if devices[0].platform == "cpu" and size > CPU_DATA_PARALLEL_MAX_PARAMS else len(devices)
+    large = models.count_params(params) > CPU_DATA_PARALLEL_MAX_PARAMS
+    n = 1 if devices[0].platform == "cpu" and large else len(devices)
     while batch_size and batch_size % n:
         n -= 1
     return n

@@ -8,9 +8,7 @@ optionally with ``"mask"`` (B,) marking real examples in a padded final batch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -187,12 +185,6 @@ def _new_history() -> dict:
                                       "time_s", "images_per_s")}}
 
 
-def _write_json_atomically(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *, train_transform: Transform,
         eval_transform: EvalTransform) -> tuple[TrainState, dict]:
     """Trains ``state`` for ``config.epochs`` epochs; the pure steps are jitted here.
@@ -298,7 +290,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
              + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
              + f" | lr {lr:.3g} | {elapsed:.0f} s, {record['images_per_s']:.0f} img/s")
         if workdir is not None:
-            _write_json_atomically(workdir / "history.json", history)
+            ckpt.write_json(workdir / "history.json", history)
             metrics = None if val_data is None else {"val_accuracy": record["val_accuracy"],
                                                       "neg_val_loss": -record["val_loss"]}
             checkpoints.save(epoch, state, {"epoch": epoch, "history": history}, metrics)

@@ -139,3 +139,16 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path):
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert _history_without_timing(reference / "history.json") == _history_without_timing(killed / "history.json")
+
+
+def test_write_json_replaces_whole_files_and_leaves_the_old_one_on_failure(tmp_path):
+    from jaxvgg.checkpoint import write_json
+
+    path = write_json(tmp_path / "summary.json", {"test_accuracy": 0.5})
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.5}
+    write_json(path, {"test_accuracy": 0.75, "per_class": [1, 2]})
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.75, "per_class": [1, 2]}
+    with pytest.raises(ValueError):  # NaN is not JSON: nothing written, the earlier file intact
+        write_json(path, {"test_accuracy": float("nan")}, allow_nan=False)
+    assert json.loads(path.read_text())["test_accuracy"] == 0.75
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left behind
