@@ -74,6 +74,8 @@ class Config:
         "help": "train on the first N CIFAR-10 images in the epoch timing (default: all 50,000)"})
     data_dir: str | None = dataclasses.field(default=None, metadata={
         "help": "CIFAR-10 folder or tar for the epoch timing (default $JAXVGG_DATA_DIR)"})
+    torch_compile: bool = dataclasses.field(default=False, metadata={
+        "help": "also time torch.compile'd PyTorch (inductor; needs a C compiler, compiles slowly on a small CPU)"})
     torch_threads: int | None = dataclasses.field(default=None, metadata={
         "help": "torch.set_num_threads (default: torch's own, one per core)"})
     json: str | None = dataclasses.field(default=None, metadata={"help": "write the rows as JSON here"})
@@ -202,10 +204,10 @@ def _jax_tx(case: Case):
     return optim.adam(1e-3) if case.optimizer == "adam" else optim.sgd(0.01, momentum=0.9, weight_decay=5e-4)
 
 
-def _torch_optimizer(case: Case):
+def _torch_optimizer(case: Case, model: Any):
     import torch
 
-    ps = case.torch_model.parameters()
+    ps = model.parameters()
     if case.optimizer == "adam":
         return torch.optim.Adam(ps, lr=1e-3)
     return torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -263,16 +265,21 @@ def jax_runner(case: Case, mode: str, batch_size: int) -> tuple[Callable[[int], 
     return run, compile_s, flops, mesh.size
 
 
-def torch_runner(case: Case, mode: str, batch_size: int) -> Callable[[int], None]:
-    """run(n): n eager torch steps (training) or inference_mode forwards."""
+def torch_runner(case: Case, mode: str, batch_size: int, compiled: bool = False) -> Callable[[int], None]:
+    """run(n): n torch steps (training) or inference_mode forwards; eager, or through ``torch.compile``
+    (a copy of the model, forward and backward compiled by inductor, the optimizer step eager)."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
     x, y = _batch(case, batch_size, seed=1)
     images, labels = _torch_input(x), torch.from_numpy(y)
     model = case.torch_model
+    if compiled:
+        model = torch.compile(copy.deepcopy(model))
     if mode == "train":
-        opt = _torch_optimizer(case)
+        opt = _torch_optimizer(case, model)
         loss_fn = F.nll_loss if case.log_probs else F.cross_entropy
         model.train()
 
@@ -291,23 +298,48 @@ def torch_runner(case: Case, mode: str, batch_size: int) -> Callable[[int], None
     return run
 
 
-def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say: Callable[[str], None]) -> dict:
-    """Alternating rounds of both frameworks; one result row."""
+def _compiled_torch_runner(case: Case, mode: str, batch_size: int,
+                           say: Callable[[str], None]) -> tuple[Callable[[int], None] | None, dict]:
+    """torch.compile's runner, warmed up, and its row fields; where it fails, None and the error."""
+    t = time.perf_counter()
+    try:
+        run = torch_runner(case, mode, batch_size, compiled=True)
+        run(1)  # inductor compiles on the first call (and the backward on the first backward)
+        run(1)
+    except Exception as e:  # noqa: BLE001 -- "where it works": a missing compiler or an inductor bug is reported
+        say(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None, {"torch_compile_img_s": None, "torch_compile_s": None,
+                      "torch_compile_error": f"{type(e).__name__}: {e}"[:500]}
+    return run, {"torch_compile_s": time.perf_counter() - t}
+
+
+def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say: Callable[[str], None],
+            torch_compile: bool = False) -> dict:
+    """Alternating rounds of the frameworks (jax, torch eager, optionally torch.compile); one result row."""
     jax_run, compile_s, flops, devices = jax_runner(case, mode, batch_size)
-    torch_run = torch_runner(case, mode, batch_size)
-    jax_run(1), torch_run(1)  # warm-up: first-touch allocations, torch's lazy init
-    rates: dict[str, list[float]] = {"jax": [], "torch": []}
+    runners = {"jax": jax_run, "torch": torch_runner(case, mode, batch_size)}
+    extra: dict[str, Any] = {}
+    if torch_compile:
+        compiled, extra = _compiled_torch_runner(case, mode, batch_size, say)
+        if compiled is not None:
+            runners["torch_compile"] = compiled
+    jax_run(1), runners["torch"](1)  # warm-up: first-touch allocations, torch's lazy init
+    rates: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(rounds):
-        order = (("jax", jax_run), ("torch", torch_run))
+        order = list(runners.items())
         for framework, run in order if r % 2 == 0 else order[::-1]:
             t = time.perf_counter()
             run(steps)
             rates[framework].append(steps * batch_size / (time.perf_counter() - t))
-        say(f"  round {r + 1}/{rounds}: jax {rates['jax'][-1]:.0f} img/s, torch {rates['torch'][-1]:.0f} img/s")
+        say(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
     jax_img_s, torch_img_s = statistics.median(rates["jax"]), statistics.median(rates["torch"])
     ratios = [j / t for j, t in zip(rates["jax"], rates["torch"])]
     step_flops = flops * (3 if mode == "train" else 1)
-    return {
+    if "torch_compile" in rates:
+        compiled_img_s = statistics.median(rates["torch_compile"])
+        extra.update(torch_compile_img_s=compiled_img_s, torch_compile_ratio=jax_img_s / compiled_img_s,
+                     torch_compile_rounds=rates["torch_compile"])
+    return {**extra,
         "model": case.name, "mode": mode, "batch": batch_size, "steps": steps, "rounds": rounds, "jax_devices": devices,
         "jax_img_s": jax_img_s, "torch_img_s": torch_img_s, "ratio": jax_img_s / torch_img_s,
         "ratio_min": min(ratios), "ratio_max": max(ratios),
@@ -390,7 +422,7 @@ def run_here(cfg: Config, say: Callable[[str], None]) -> list[dict]:
             batch_size = cfg.train_batch if mode == "train" else cfg.infer_batch
             steps = cfg.steps or DEFAULT_STEPS[(name, mode)]
             say(f"{name} {mode} (batch {batch_size}, {steps} steps x {cfg.rounds} rounds)")
-            row = measure(case, mode, batch_size, steps, cfg.rounds, say)
+            row = measure(case, mode, batch_size, steps, cfg.rounds, say, torch_compile=cfg.torch_compile)
             row["output_max_abs_diff"] = diff
             rows.append(row)
     epoch = time_cifar_epoch(cfg, say)
@@ -427,16 +459,22 @@ def _allocators(text: str) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, the epoch timings and matmul peaks below it."""
-    lines = ["| model | mode | allocator | jax devices | jax img/s | torch img/s | jax/torch (range) | jax GFLOP/s (torch) "
-             "| % of jax matmul peak | compile s |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    compiled = any("torch_compile_s" in r for r in rows)
+    lines = ["| model | mode | allocator | jax devices | jax img/s | torch img/s | jax/torch (range) "
+             "| jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
+             + (" torch.compile img/s (compile s) | jax/compiled |" if compiled else ""),
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for r in rows:
         if r["mode"] == "epoch":
             continue
-        lines.append(f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | {r['jax_img_s']:,.0f} | "
-                     f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
-                     f"{r['gflops']:.0f} ({r['torch_gflops']:.0f}) | {100 * r['gflops'] / r['peak_gflops_jax']:.0f} % "
-                     f"| {r['compile_s']:.1f} |")
+        line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | {r['jax_img_s']:,.0f} | "
+                f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+                f"{r['gflops']:.0f} ({r['torch_gflops']:.0f}) | {100 * r['gflops'] / r['peak_gflops_jax']:.0f} % "
+                f"| {r['compile_s']:.1f} |")
+        if compiled:
+            line += (f" {r['torch_compile_img_s']:,.0f} ({r['torch_compile_s']:.0f}) | "
+                     f"{r['torch_compile_ratio']:.2f}x |" if r.get("torch_compile_img_s") else " failed | – |")
+        lines.append(line)
     lines.append("")
     for e in (r for r in rows if r["mode"] == "epoch"):
         lines.append(f"One CIFAR-10 epoch of {e['model']} through `fit` ({e['images']:,} images, batch {e['batch']}, "

@@ -54,3 +54,36 @@ def test_benchmark_rejects_unknown_models():
     proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--models", "resnet50"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "resnet50" in proc.stderr
+
+
+def _compile_rows(torch_compile_works: bool, monkeypatch) -> list[dict]:
+    import torch
+
+    if not torch_compile_works:
+        def broken(*args, **kwargs):
+            raise RuntimeError("inductor: no working C++ compiler")
+        monkeypatch.setattr(torch, "compile", broken)
+    case = benchmark.build_case("transfer_head", jax.random.PRNGKey(0))
+    rows = [benchmark.measure(case, mode, 8, 1, 2, say=lambda _: None, torch_compile=True)
+            for mode in ("train", "infer")]
+    for r in rows:
+        r.update(allocator="current", peak_gflops_jax=100.0, peak_gflops_torch=100.0)
+    return rows
+
+
+def test_benchmark_reports_torch_compile_failure_and_still_measures_the_rest(monkeypatch):
+    rows = _compile_rows(False, monkeypatch)
+    for r in rows:
+        assert r["torch_compile_img_s"] is None and "no working C++ compiler" in r["torch_compile_error"]
+        assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and "torch_compile_rounds" not in r
+    text = benchmark.table(rows)
+    assert "torch.compile img/s" in text and text.count("| failed | – |") == 2
+
+
+@pytest.mark.slow  # inductor compiles for ~30 s here
+def test_benchmark_times_torch_compile(monkeypatch):
+    rows = _compile_rows(True, monkeypatch)
+    for r in rows:
+        assert r["torch_compile_img_s"] > 0 and len(r["torch_compile_rounds"]) == 2 and r["torch_compile_s"] > 0
+        assert r["torch_compile_ratio"] == pytest.approx(r["jax_img_s"] / r["torch_compile_img_s"])
+    assert "failed" not in benchmark.table(rows)
