@@ -63,16 +63,15 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool) -> Pa
     """Creates ``workdir`` and saves the resolved config as config.json (refusing to mix runs)."""
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True)
+    new = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     saved = path / "config.json"
     if saved.exists() and resume:
         old = json.loads(saved.read_text())
-        new = json.loads(config_json)
         changed = {k for k in new if k not in ("resume", "epochs", "quiet") and old.get(k) != new[k]}
         if changed:
             raise ValueError(f"--resume with a different config than {saved}: "
                              + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)))
-    write_json(saved, dataclasses.asdict(config), sort_keys=True)
+    write_json(saved, new, sort_keys=True)
     return path
 
 

@@ -229,14 +229,20 @@ def _batched(images: np.ndarray, batch_size: int):
 
 
 def extract_features(model: nn.Module, params: Any, datasets: list[data.Dataset], eval_tf: Callable,
-                     batch_size: int, quiet: bool) -> list[FeatureSet]:
-    """classifier.4 outputs (eval mode) of every image of each data set, through the frozen VGG16.
+                     batch_size: int, quiet: bool, layer: str = FEATURE_LAYER) -> list[FeatureSet]:
+    """``layer``'s outputs (eval mode; default classifier.4) of every image of each data set, through the frozen VGG.
 
-    The data sets go through as one stream, so only its last batch is padded and one program is compiled.
+    Outputs of a conv-stack layer are flattened in torch's (C, H, W) order. The data sets go through as
+    one stream, so only its last batch is padded and one program is compiled.
     """
     images = np.concatenate([dataset.images for dataset in datasets])
     batch_size = min(batch_size, len(images))
-    fn = jax.jit(lambda p, x: models.layer_outputs(model, {"params": p}, eval_tf(x))[1][FEATURE_LAYER])
+
+    def features(p, x):
+        out = models.layer_outputs(model, {"params": p}, eval_tf(x))[1][layer]
+        return models.torch_flatten(out) if out.ndim == 4 else out
+
+    fn = jax.jit(features)
     chunks = [np.asarray(fn(params, batch))[:n]
               for batch, n in tqdm(_batched(images, batch_size), total=-(-len(images) // batch_size),
                                    desc="features", unit="batch", disable=quiet, leave=False)]

@@ -4,12 +4,18 @@
 
 The backbone is the best checkpoint (highest validation accuracy) of an `experiments.cifar_vgg` run at
 32x32. Its convolutional features and first two Linear layers are frozen; the output of
-classifier.4 (the ReLU after the second Linear, 4096-d) of every image is computed once, in evaluation
-mode, and the transfer tutorial's new head -- Dropout(0.5) -> Linear(4096, 256) -> ReLU -> Dropout(0.4)
--> Linear(256, 10) -> LogSoftmax -- trains on those cached features with Adam and early stopping on the
-validation loss, exactly as `experiments.vgg16_transfer --cache-features` trains its head. MNIST digits
-are resized to 32x32 and repeated over three channels, then normalised with CIFAR-10's statistics, as the
-backbone saw its training images.
+classifier.4 (the ReLU after the second Linear, 4096-d; ``--layer`` picks another) of every image is
+computed once, in evaluation mode, and the transfer tutorial's new head -- Dropout(0.5) ->
+Linear(4096, 256) -> ReLU -> Dropout(0.4) -> Linear(256, 10) -> LogSoftmax -- trains on those cached
+features with Adam and early stopping on the validation loss, exactly as
+`experiments.vgg16_transfer --cache-features` trains its head. MNIST digits are resized to 32x32 and
+repeated over three channels, then normalised with CIFAR-10's statistics, as the backbone saw its
+training images.
+
+Which layer transfers: classifier.4 is the tutorial's choice, but in a network trained on CIFAR-10's ten
+classes it has become a CIFAR-10 class detector; the conv stack's outputs (``--layer features_20``, the
+last max-pool, 512-d, or ``features_15``, block 4's pool, 2x2x512 = 2,048-d) keep more of the generic
+edges and strokes a digit is made of. The head takes whatever width the layer has.
 
 Leaves in --workdir: config.json, history.json, checkpoints/ (of the head), history.png,
 confusion_matrix.png, summary.json (test accuracy/loss, top-5, backbone epoch and its CIFAR-10 val
@@ -32,11 +38,15 @@ import numpy as np
 import jaxvgg
 from experiments import cifar_vgg
 from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
-from experiments.vgg16_transfer import (HEAD_PREFIX, TransferHead, _features_as_they_are,
+from experiments.vgg16_transfer import (FEATURE_LAYER, HEAD_PREFIX, TransferHead, _features_as_they_are,
                                         _features_as_they_are_train, extract_features)
 from jaxvgg import augment, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.train import FitConfig, TrainState, fit
+
+
+# VGG-A's layers a head can sit on (flax names: features_15 = torch's features.15)
+LAYERS = ("classifier_4", "classifier_1", "features_20", "features_15")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,10 @@ class Config:
     data_dir: str | None = dataclasses.field(default=None, metadata={
         "help": "folder with the four MNIST IDX files (else $JAXVGG_DATA_DIR, else tfds)"})
     workdir: str = dataclasses.field(default="runs/vgga_transfer", metadata={"help": "where every output goes"})
+    layer: str = dataclasses.field(default=FEATURE_LAYER, metadata={
+        "help": "frozen layer whose outputs feed the head: classifier_4 (4096-d, the tutorial's), classifier_1 "
+                "(4096-d), features_20 (last max-pool, 512-d), features_15 (block 4's max-pool, 2,048-d)",
+        "choices": LAYERS})
     epochs: int = dataclasses.field(default=10, metadata={"help": "most epochs of head training"})
     batch_size: int = dataclasses.field(default=128, metadata={"help": "batch size of head training"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate (the transfer tutorial's)"})
@@ -108,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     train_x, val_x, test_x = extract_features(model, params, [train, val, test], mnist_as_cifar, cfg.eval_batch_size,
-                                              cfg.quiet)
-    print(f"cached classifier.4 features of {len(train) + len(val) + len(test)} images in {time.perf_counter() - t0:.0f} s")
+                                              cfg.quiet, layer=cfg.layer)
+    print(f"cached {cfg.layer} features ({train_x.images.shape[1]}-d) of {len(train) + len(val) + len(test)} images "
+          f"in {time.perf_counter() - t0:.0f} s")
 
     head = TransferHead(train.num_classes)
     head_params = jax.jit(head.init)(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, train_x.images.shape[1])))["params"]
@@ -131,15 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, 5),
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "trainable_parameters": trainable, **info, **scores}
+               "trainable_parameters": trainable, "layer": cfg.layer, "feature_width": int(train_x.images.shape[1]),
+               **info, **scores}
     figures = [
-        plots.plot_history(history, workdir / "history.png", label="VGG-A (CIFAR-10) features, new head on MNIST"),
+        plots.plot_history(history, workdir / "history.png",
+                           label=f"VGG-A (CIFAR-10) {cfg.layer} features, new head on MNIST"),
         plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), test.class_names,
                                     workdir / "confusion_matrix.png"),
     ]
     write_summary(workdir, summary)
     plots.write_report(workdir, "Transfer: VGG-A (CIFAR-10) features -> MNIST", summary, figures,
-                       extra_md=f"Head parameters: {HEAD_PREFIX}_0, {HEAD_PREFIX}_3; features cached in evaluation mode.")
+                       extra_md=f"Head parameters: {HEAD_PREFIX}_0, {HEAD_PREFIX}_3, on {cfg.layer} "
+                                f"({train_x.images.shape[1]}-d); features cached in evaluation mode.")
     print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
           f"test loss {test_loss:.4f}; outputs in {workdir}")
     return summary

@@ -59,15 +59,19 @@ vgg_linear_init = nn.initializers.normal(stddev=0.01)
 # CPU, XLA's convolution is slow for small spatial maps (VGG's last block on 2x2 inputs runs at about
 # 1 GFLOP/s) and for weight gradients, and max-pool's gradient (select-and-scatter) dominates small
 # networks; patches + one matmul ("im2col") and a reshape-based 2x2 max-pool run near the matmul
-# peak there. On GPU/TPU the native lax.conv / reduce_window forms are what cuDNN/XLA are tuned for.
-# "auto" picks per layer at trace time; the environment variable JAXVGG_IMPL=native|fast|auto
-# overrides every "auto" (the parity suite runs with both forms forced).
-CONV_IMPLS = ("auto", "lax", "im2col")
+# peak there. A single-channel input (LeNet's conv1) is the exception in inference: its 25 patch
+# slices cost more than the arithmetic, and kh*kw shifted multiply-adds computed channels-first
+# ("direct", one fused loop) ran LeNet's inference 1.5x faster than im2col (its training is faster
+# with im2col, whose weight gradient is one matmul). On GPU/TPU the native lax.conv / reduce_window
+# forms are what cuDNN/XLA are tuned for. "auto" picks per layer at trace time; the environment
+# variable JAXVGG_IMPL=native|fast|auto overrides every "auto" (the parity suite runs with both forms
+# forced; "fast" is every CPU fast form: im2col, and direct for single-channel inference).
+CONV_IMPLS = ("auto", "lax", "im2col", "direct")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
 IMPL_ENV = "JAXVGG_IMPL"
-# In inference, im2col wins on the CPU below this many output pixels per image (VGG's last blocks),
-# and for single-channel inputs (2x for LeNet's first layer); lax.conv elsewhere (up to 2x for the
-# CIFAR CNN). In training, im2col wins everywhere measured.
+# In inference, im2col wins on the CPU below this many output pixels per image (VGG's last blocks);
+# lax.conv elsewhere (up to 2x for the CIFAR CNN), except single-channel inputs (direct, above). In
+# training, im2col wins everywhere measured.
 IM2COL_MAX_INFER_PIXELS = 64
 
 
@@ -79,17 +83,19 @@ def _impl_mode() -> str:
 
 
 def resolve_conv_impl(impl: str, out_pixels: int, train: bool, in_channels: int = 0) -> str:
-    """The concrete conv form ("lax" or "im2col") for a layer with ``out_pixels`` = H*W outputs."""
+    """The concrete conv form ("lax", "im2col" or "direct") of a layer with ``out_pixels`` = H*W outputs."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r}; expected one of {CONV_IMPLS}")
     if impl != "auto":
         return impl
     mode = _impl_mode()
-    if mode != "auto":
-        return "lax" if mode == "native" else "im2col"
-    if jax.default_backend() != "cpu":
+    if mode == "native" or (mode == "auto" and jax.default_backend() != "cpu"):
         return "lax"
-    return "im2col" if train or out_pixels <= IM2COL_MAX_INFER_PIXELS or in_channels == 1 else "lax"
+    if in_channels == 1 and not train:
+        return "direct"
+    if mode == "fast":
+        return "im2col"
+    return "im2col" if train or out_pixels <= IM2COL_MAX_INFER_PIXELS else "lax"
 
 
 def resolve_pool_impl(impl: str, train: bool) -> str:
@@ -129,6 +135,24 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return y.reshape(b, oh, ow, cout)
 
 
+def conv_direct(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 NHWC convolution of a single-channel input as kh*kw shifted multiply-adds.
+
+    Computed channels-first, (C_out, B, H, W), so that XLA fuses the sum into one loop whose inner axis
+    is the image width rather than C_out (6 for LeNet), then transposed to NHWC.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if cin != 1:
+        raise ValueError(f"conv_direct computes single-channel inputs only; the kernel is {kernel.shape} (HWIO)")
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x = x[..., 0]
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = sum(kernel[i, j, 0][:, None, None, None] * x[None, :, i:i + oh, j:j + ow]
+            for i in range(kh) for j in range(kw))
+    return jnp.transpose(y, (1, 2, 3, 0))
+
+
 class Conv2d(nn.Module):
     """torch.nn.Conv2d (stride 1, symmetric zero padding) with flax.linen.Conv's parameters.
 
@@ -149,8 +173,11 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         out_pixels = (x.shape[1] + 2 * p - k + 1) * (x.shape[2] + 2 * p - k + 1)
-        if resolve_conv_impl(self.impl, out_pixels, train, x.shape[-1]) == "im2col":
+        impl = resolve_conv_impl(self.impl, out_pixels, train, x.shape[-1])
+        if impl == "im2col":
             y = conv_im2col(x, kernel, p)
+        elif impl == "direct":
+            y = conv_direct(x, kernel, p)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))

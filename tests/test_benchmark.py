@@ -27,6 +27,14 @@ def test_flop_count_of_the_cifar_cnn():
         assert benchmark.jaxpr_flops(jaxpr) == 3 * 2 * macs
 
 
+def test_flop_count_of_lenet_includes_its_direct_first_conv(monkeypatch):
+    # conv1 28*28*6*25, conv2 10*10*16*150, fc 400*120 + 120*84 + 84*10
+    macs = 28 * 28 * 6 * 25 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+    monkeypatch.setenv(models.IMPL_ENV, "fast")  # conv1 is "direct" in inference: no conv or dot in its jaxpr
+    case = benchmark.build_case("mnist_lenet", jax.random.PRNGKey(0))
+    assert benchmark.model_flops(case, jnp.zeros((2, 28, 28, 1))) == 2 * 2 * macs
+
+
 @pytest.mark.skipif(not (CIFAR / "cifar-10-binary.tar.gz").exists(), reason="needs ../shared/data")
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"

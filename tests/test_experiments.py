@@ -58,6 +58,17 @@ def test_cifar_vgg_one_epoch_smoke_run_writes_summary_and_plots(tmp_path):
     assert 0.0 <= summary["test_accuracy"] <= summary["top5_accuracy"] <= 1.0 and summary["n_examples"] == 200
     for name in ("history.png", "confusion_matrix.png", "report.md"):
         assert (transfer / name).stat().st_size > 0, name
+    assert summary["layer"] == "classifier_4" and summary["feature_width"] == 4096
+
+    # --layer: the head on block 4's max-pool (2x2x512, flattened) instead of classifier.4
+    on_conv = tmp_path / "transfer_conv"
+    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
+               "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir", str(on_conv), "--quiet", "true",
+               "--layer", "features_15")
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((on_conv / "summary.json").read_text())
+    assert summary["layer"] == "features_15" and summary["feature_width"] == 2 * 2 * 512
+    assert summary["trainable_parameters"] == 2048 * 256 + 256 + 256 * 10 + 10
 
 
 def test_vgga_transfer_names_a_missing_backbone(tmp_path):

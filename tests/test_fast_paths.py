@@ -30,6 +30,25 @@ def test_im2col_matches_lax_conv(hw, cin, cout, kernel, padding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("hw,cout,kernel,padding", [((28, 28), 6, 5, 2), ((6, 7), 3, 3, 0), ((5, 4), 2, 1, 1)])
+def test_direct_matches_lax_conv_for_single_channel_inputs(hw, cout, kernel, padding):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, *hw, 1)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, cout)).astype(np.float32))
+    ref, out = _lax_conv(x, k, padding), models.conv_direct(x, k, padding)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(_lax_conv(x, k, padding))), argnums=(0, 1))(x, k)
+    g_out = jax.grad(lambda x, k: jnp.sum(jnp.sin(models.conv_direct(x, k, padding))), argnums=(0, 1))(x, k)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_direct_refuses_several_input_channels():
+    with pytest.raises(ValueError, match=r"single-channel inputs only; the kernel is \(3, 3, 2, 4\)"):
+        models.conv_direct(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 1)
+
+
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (2, 2), (5, 5)])
 def test_reshape_max_pool_matches_reduce_window(hw):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, *hw, 4)).astype(np.float32))
@@ -49,7 +68,8 @@ def test_auto_resolution_on_cpu(monkeypatch):
     assert models.resolve_conv_impl("auto", 32 * 32, train=True) == "im2col"
     assert models.resolve_conv_impl("auto", 32 * 32, train=False) == "lax"
     assert models.resolve_conv_impl("auto", 2 * 2, train=False) == "im2col"  # VGG's last block
-    assert models.resolve_conv_impl("auto", 28 * 28, train=False, in_channels=1) == "im2col"  # LeNet's conv1
+    assert models.resolve_conv_impl("auto", 28 * 28, train=False, in_channels=1) == "direct"  # LeNet's conv1
+    assert models.resolve_conv_impl("auto", 28 * 28, train=True, in_channels=1) == "im2col"
     assert models.resolve_pool_impl("auto", train=True) == "reshape"
     assert models.resolve_pool_impl("auto", train=False) == "reduce_window"
     assert models.resolve_conv_impl("lax", 4, train=True) == "lax"  # explicit choices are kept
@@ -58,7 +78,10 @@ def test_auto_resolution_on_cpu(monkeypatch):
     assert models.resolve_pool_impl("auto", train=True) == "reduce_window"
     monkeypatch.setenv(models.IMPL_ENV, "fast")
     assert models.resolve_conv_impl("auto", 4096, train=False) == "im2col"
+    assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "direct"
     assert models.resolve_pool_impl("auto", train=False) == "reshape"
+    monkeypatch.setenv(models.IMPL_ENV, "native")
+    assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "lax"
 
 
 def test_bad_impl_names_are_errors(monkeypatch):
