@@ -12,6 +12,17 @@ def _lax_conv(x, k, p):
     return jax.lax.conv_general_dilated(x, k, (1, 1), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _assert_conv_matches_lax(conv, x, k, padding):
+    """``conv(x, k, padding)`` and its gradients with respect to input and kernel equal lax.conv's."""
+    ref, out = _lax_conv(x, k, padding), conv(x, k, padding)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(_lax_conv(x, k, padding))), argnums=(0, 1))(x, k)
+    g_out = jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding))), argnums=(0, 1))(x, k)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("hw,cin,cout,kernel,padding", [
     ((32, 32), 3, 8, 3, 1), ((7, 5), 4, 6, 3, 0), ((2, 2), 16, 8, 3, 1), ((28, 28), 1, 6, 5, 2), ((9, 9), 3, 4, 1, 0),
     ((6, 7), 1, 3, 3, 0),
@@ -20,14 +31,7 @@ def test_im2col_matches_lax_conv(hw, cin, cout, kernel, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, *hw, cin)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)).astype(np.float32))
-    ref, out = _lax_conv(x, k, padding), models.conv_im2col(x, k, padding)
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    # and the gradients with respect to input and kernel
-    g_ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(_lax_conv(x, k, padding))), argnums=(0, 1))(x, k)
-    g_out = jax.grad(lambda x, k: jnp.sum(jnp.sin(models.conv_im2col(x, k, padding))), argnums=(0, 1))(x, k)
-    for a, b in zip(g_out, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    _assert_conv_matches_lax(models.conv_im2col, x, k, padding)
 
 
 @pytest.mark.parametrize("hw,cout,kernel,padding", [((28, 28), 6, 5, 2), ((6, 7), 3, 3, 0), ((5, 4), 2, 1, 1)])
@@ -35,13 +39,7 @@ def test_direct_matches_lax_conv_for_single_channel_inputs(hw, cout, kernel, pad
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(3, *hw, 1)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, cout)).astype(np.float32))
-    ref, out = _lax_conv(x, k, padding), models.conv_direct(x, k, padding)
-    assert out.shape == ref.shape
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    g_ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(_lax_conv(x, k, padding))), argnums=(0, 1))(x, k)
-    g_out = jax.grad(lambda x, k: jnp.sum(jnp.sin(models.conv_direct(x, k, padding))), argnums=(0, 1))(x, k)
-    for a, b in zip(g_out, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    _assert_conv_matches_lax(models.conv_direct, x, k, padding)
 
 
 def test_direct_refuses_several_input_channels():
