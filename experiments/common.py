@@ -60,13 +60,20 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, description
 
 
 def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool) -> Path:
-    """Creates ``workdir`` and saves the resolved config as config.json (refusing to mix runs)."""
+    """Creates ``workdir`` and saves the resolved config as config.json (refusing to mix runs).
+
+    With ``resume``, every option but resume/epochs/quiet must match the saved config. An option the
+    saved config lacks (added to the experiment after that run began) matches when it has its default.
+    """
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     new = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     saved = path / "config.json"
     if saved.exists() and resume:
         old = json.loads(saved.read_text())
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(config)
+                                          if f.default is not dataclasses.MISSING}))
+        old = {**defaults, **old}
         changed = {k for k in new if k not in ("resume", "epochs", "quiet") and old.get(k) != new[k]}
         if changed:
             raise ValueError(f"--resume with a different config than {saved}: "
