@@ -113,14 +113,14 @@ def jaxpr_flops(jaxpr: Any) -> float:
     return total
 
 
-def model_flops(case: "Case", x: np.ndarray) -> float:
+def model_flops(case: Case, x: np.ndarray) -> float:
     """Forward FLOPs of ``case``'s model on the batch ``x``, counted in the native form.
 
     The fast forms compute the same sums (im2col as one matmul, counted the same), but LeNet's
     single-channel "direct" conv is elementwise multiply-adds the jaxpr count would miss.
     """
     model = case.jax_model
-    if "conv_impl" in {f.name for f in dataclasses.fields(model)}:
+    if hasattr(model, "conv_impl"):
         model = model.clone(conv_impl="lax")
     return jaxpr_flops(jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(case.params, x))
 

@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     train_x, val_x, test_x = extract_features(model, params, [train, val, test], mnist_as_cifar, cfg.eval_batch_size,
                                               cfg.quiet, layer=cfg.layer)
-    print(f"cached {cfg.layer} features ({train_x.images.shape[1]}-d) of {len(train) + len(val) + len(test)} images "
+    width = int(train_x.images.shape[1])
+    print(f"cached {cfg.layer} features ({width}-d) of {len(train) + len(val) + len(test)} images "
           f"in {time.perf_counter() - t0:.0f} s")
 
     head = TransferHead(train.num_classes)
-    head_params = jax.jit(head.init)(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, train_x.images.shape[1])))["params"]
+    head_params = jax.jit(head.init)(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, width)))["params"]
     trainable = jaxvgg.count_params(head_params)
     print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
     state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr),
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, 5),
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "trainable_parameters": trainable, "layer": cfg.layer, "feature_width": int(train_x.images.shape[1]),
+               "trainable_parameters": trainable, "layer": cfg.layer, "feature_width": width,
                **info, **scores}
     figures = [
         plots.plot_history(history, workdir / "history.png",
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_summary(workdir, summary)
     plots.write_report(workdir, "Transfer: VGG-A (CIFAR-10) features -> MNIST", summary, figures,
                        extra_md=f"Head parameters: {HEAD_PREFIX}_0, {HEAD_PREFIX}_3, on {cfg.layer} "
-                                f"({train_x.images.shape[1]}-d); features cached in evaluation mode.")
+                                f"({width}-d); features cached in evaluation mode.")
     print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
           f"test loss {test_loss:.4f}; outputs in {workdir}")
     return summary
