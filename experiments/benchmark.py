@@ -9,7 +9,9 @@ frameworks start from the same weights (converted with `jaxvgg.to_torch`) and ru
 round; the rounds alternate which framework goes first, so a neighbour taking a core hurts both. The
 table gives the median images/s of each, their ratio with its range over rounds, the achieved GFLOP/s
 (forward FLOPs counted from the jaxpr, x3 for a training step) against a float32 matmul peak measured
-here, and the XLA compile time of the first step.
+here, and the XLA compile time of the first step. The JAX steps are compiled as `jaxvgg.train.fit`
+compiles them: with the model's XLA:CPU options (`jaxvgg.models.resolve_compiler_options`, the table's
+"XLA:CPU" column; ``JAXVGG_IMPL=native`` turns them off with the CPU conv forms).
 
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The
@@ -246,14 +248,15 @@ def jax_runner(case: Case, mode: str, batch_size: int) -> tuple[Callable[[int], 
     forward = partial(case.jax_model.apply, train=False)
     flops = model_flops(case, x) / batch_size
     mesh = parallel.make_mesh(parallel.auto_num_devices(case.params, batch_size))
+    options = models.resolve_compiler_options(case.name, mode)
     params = parallel.replicate(case.params, mesh)  # a copy: the training step donates its state
     batch = parallel.shard_batch({"image": x, "label": y.astype(np.int32)}, mesh)
     if mode == "train":
         state = TrainState.create(apply_fn=case.jax_model.apply, params=params, tx=_jax_tx(case),
-                                  rng=jax.random.PRNGKey(0), log_probs=case.log_probs)
+                                  rng=jax.random.PRNGKey(0), log_probs=case.log_probs, model=case.name)
         state = parallel.replicate(state, mesh)
         t = time.perf_counter()
-        step = parallel.data_parallel(train_step, mesh).lower(state, batch).compile()
+        step = parallel.data_parallel(train_step, mesh, compiler_options=options).lower(state, batch).compile()
         compile_s = time.perf_counter() - t
         box = [state]
 
@@ -267,7 +270,7 @@ def jax_runner(case: Case, mode: str, batch_size: int) -> tuple[Callable[[int], 
         t = time.perf_counter()
         apply = jax.jit(lambda p, v: forward({"params": p}, v),
                         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                        ).lower(params, batch["image"]).compile()
+                        compiler_options=options).lower(params, batch["image"]).compile()
         compile_s = time.perf_counter() - t
 
         def run(n: int) -> None:
@@ -358,6 +361,7 @@ def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say
         "jax_rounds": rates["jax"], "torch_rounds": rates["torch"],
         "mflop_per_img": step_flops / 1e6, "gflops": step_flops * jax_img_s / 1e9,
         "torch_gflops": step_flops * torch_img_s / 1e9, "compile_s": compile_s,
+        "xla_options": models.resolve_compiler_options(case.name, mode) or {},
     }
 
 
@@ -469,17 +473,27 @@ def _allocators(text: str) -> list[str]:
     return _split(text, runtime.ALLOCATORS, "allocators")
 
 
+def _options_label(options: dict | None) -> str:
+    """The table's name for a step's XLA compile options (`models.resolve_compiler_options`)."""
+    if not options:
+        return "default"
+    if options == {models.YNN_FUSION_OPTION: ""}:
+        return "YNNPACK off"
+    return " ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, the epoch timings and matmul peaks below it."""
     compiled = any("torch_compile_s" in r for r in rows)
-    lines = ["| model | mode | allocator | jax devices | jax img/s | torch img/s | jax/torch (range) "
+    lines = ["| model | mode | allocator | jax devices | XLA:CPU | jax img/s | torch img/s | jax/torch (range) "
              "| jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
              + (" torch.compile img/s (compile s) | jax/compiled |" if compiled else ""),
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
+             "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for r in rows:
         if r["mode"] == "epoch":
             continue
-        line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | {r['jax_img_s']:,.0f} | "
+        line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | "
+                f"{_options_label(r.get('xla_options'))} | {r['jax_img_s']:,.0f} | "
                 f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                 f"{r['gflops']:.0f} ({r['torch_gflops']:.0f}) | {100 * r['gflops'] / r['peak_gflops_jax']:.0f} % "
                 f"| {r['compile_s']:.1f} |")

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = jaxvgg.count_params(head_params)
     print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
     state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr),
-                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True)
+                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True, model="transfer_head")
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
                         resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
                         eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)

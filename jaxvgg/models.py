@@ -110,6 +110,37 @@ def resolve_pool_impl(impl: str, train: bool) -> str:
     return "reshape" if train and jax.default_backend() == "cpu" else "reduce_window"
 
 
+# XLA:CPU hands dots, convolutions and the element-wise ops around them to YNNPACK by default. For
+# some (model, mode) pairs Eigen's kernels and XLA's own loop emitters are faster; the choice is a
+# per-compilation option (``jax.jit(..., compiler_options=...)``), so one process can train one model
+# with YNNPACK and evaluate another without it. In JAX-only A/B runs (alternating rounds, 2-core Xeon;
+# figures in issue 5's notes) YNNPACK off gave LeNet training +20-30 %, VGG-A inference at 32x32 and
+# the transfer head's inference +10-18 %; for the other pairs YNNPACK was as fast or faster.
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNNPACK_OFF = {YNN_FUSION_OPTION: ""}
+CPU_COMPILER_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mnist_lenet", "train"): _YNNPACK_OFF,
+    ("vgg11", "infer"): _YNNPACK_OFF,
+    ("transfer_head", "infer"): _YNNPACK_OFF,  # experiments.vgg16_transfer's head on cached features
+}
+COMPILE_MODES = ("train", "infer")
+
+
+def resolve_compiler_options(model: str | None, mode: str) -> dict[str, Any] | None:
+    """XLA compile options for jitting ``model``'s ``mode`` ("train" or "infer") step, or None.
+
+    ``model`` is a registry name (or "transfer_head"); None, an unlisted model, a GPU/TPU backend (the
+    options are XLA:CPU's) and ``JAXVGG_IMPL=native`` give None (XLA's defaults); ``JAXVGG_IMPL=fast``
+    keeps them, so the parity suite's fast form runs with them.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {COMPILE_MODES}")
+    if model is None or _impl_mode() == "native" or jax.default_backend() != "cpu":
+        return None
+    options = CPU_COMPILER_OPTIONS.get((model, mode))
+    return dict(options) if options is not None else None
+
+
 def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """Stride-1 NHWC convolution as patches @ kernel: the same sums as lax.conv, one matmul.
 

@@ -153,14 +153,15 @@ def pad_batch(batch: dict, multiple: int) -> dict:
     return {key: pad_one(key, x) for key, x in batch.items()}
 
 
-def data_parallel(step_fn: Callable[[Any, dict], tuple[Any, dict]], mesh: Mesh, *,
-                  donate_state: bool = True) -> Callable[[Any, dict], tuple[Any, dict]]:
+def data_parallel(step_fn: Callable[[Any, dict], tuple[Any, dict]], mesh: Mesh, *, donate_state: bool = True,
+                  compiler_options: dict[str, Any] | None = None) -> Callable[[Any, dict], tuple[Any, dict]]:
     """Jit a ``(state, batch) -> (state, metrics)`` step with the state replicated and the batch split.
 
     Args:
       step_fn: a pure step on the global batch, e.g. ``jaxvgg.train.train_step``.
       mesh: from `make_mesh`.
       donate_state: reuse the input state's buffers for the output (do not read the old state after).
+      compiler_options: XLA options for this compilation (`jaxvgg.models.resolve_compiler_options`).
 
     Returns:
       The jitted step. Inputs not yet placed are moved to these shardings (uncommitted arrays, NumPy);
@@ -170,10 +171,11 @@ def data_parallel(step_fn: Callable[[Any, dict], tuple[Any, dict]], mesh: Mesh, 
     return jax.jit(step_fn,
                    in_shardings=(replicated(mesh), batch_sharded(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)),
-                   donate_argnums=(0,) if donate_state else ())
+                   donate_argnums=(0,) if donate_state else (), compiler_options=compiler_options)
 
 
-def data_parallel_eval(eval_fn: Callable[[Any, dict], dict], mesh: Mesh) -> Callable[[Any, dict], dict]:
+def data_parallel_eval(eval_fn: Callable[[Any, dict], dict], mesh: Mesh, *,
+                       compiler_options: dict[str, Any] | None = None) -> Callable[[Any, dict], dict]:
     """Jit a ``(state, batch) -> metrics`` eval step with the state replicated and the batch split."""
     return jax.jit(eval_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=replicated(mesh))
+                   out_shardings=replicated(mesh), compiler_options=compiler_options)

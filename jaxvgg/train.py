@@ -36,23 +36,26 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     log_probs: bool = struct.field(pytree_node=False, default=False)  # outputs are log-probs: NLL loss
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+    # registry name of the network (or "transfer_head"): picks its XLA compile options in `fit`, see
+    # `models.resolve_compiler_options`; None compiles with XLA's defaults
+    model: str | None = struct.field(pytree_node=False, default=None)
     plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
     early_stopping: Any = None  # optim.early_stopping_init() state when early stopping is on
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-               log_probs: bool = False, label_smoothing: float = 0.0) -> "TrainState":
+               log_probs: bool = False, label_smoothing: float = 0.0, model: str | None = None) -> "TrainState":
         """A step-0 state with a fresh optimizer state."""
         params = params.get("params", params)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing)
+                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing, model=model)
 
     @classmethod
     def for_model(cls, name: str, model: Any, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
                   label_smoothing: float = 0.0) -> "TrainState":
         """A state for a registry model: its loss follows whether it ends in log_softmax."""
         return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
-                          log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing)
+                          log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing, model=name)
 
     def apply_gradients(self, grads: Any) -> "TrainState":
         """One optimizer update."""
@@ -154,7 +157,8 @@ def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_si
              mesh: Any = None) -> dict[str, float]:
     """Mean loss and accuracy over every example of ``dataset`` (the last partial batch included)."""
     mesh = mesh or parallel.make_mesh(1)
-    step = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=transform), mesh)
+    step = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=transform), mesh,
+                                       compiler_options=models.resolve_compiler_options(state.model, "infer"))
     return _evaluate(step, state, dataset, batch_size, mesh)
 
 
@@ -170,7 +174,8 @@ def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, 
 
 def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500) -> np.ndarray:
     """Model outputs (logits or log-probs, as the model returns) for every example, in order."""
-    fn = jax.jit(partial(_transformed_predict, transform=transform))
+    fn = jax.jit(partial(_transformed_predict, transform=transform),
+                 compiler_options=models.resolve_compiler_options(state.model, "infer"))
     outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())] for b in _padded_batches(dataset, batch_size)]
     return np.concatenate(outs)
 
@@ -240,8 +245,10 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
             history, first_epoch = meta["history"], meta["epoch"] + 1
             _log(f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
 
-    train_fn = parallel.data_parallel(partial(_augmented_train_step, transform=train_transform), mesh)
-    eval_fn = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=eval_transform), mesh)
+    train_fn = parallel.data_parallel(partial(_augmented_train_step, transform=train_transform), mesh,
+                                      compiler_options=models.resolve_compiler_options(state.model, "train"))
+    eval_fn = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=eval_transform), mesh,
+                                          compiler_options=models.resolve_compiler_options(state.model, "infer"))
     state = parallel.replicate(state, mesh)
     for epoch in range(first_epoch, config.epochs + 1):
         if state.early_stopping is not None and bool(state.early_stopping.should_stop):

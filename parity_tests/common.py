@@ -108,7 +108,8 @@ def torch_activations(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, dict
 
 
 def flax_activations(case: Case, variables: dict, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eval-mode forward; {sown layer name: output}."""
+    """Eval-mode forward, compiled with the model's inference options; {sown layer name: output}."""
     model = jaxvgg.create_model(case.name, num_classes=case.num_classes)
-    out, acts = jax.jit(lambda v, x: models.layer_outputs(model, v, x))(variables, jnp.asarray(x))
+    out, acts = jax.jit(lambda v, x: models.layer_outputs(model, v, x),
+                        compiler_options=models.resolve_compiler_options(case.name, "infer"))(variables, jnp.asarray(x))
     return np.asarray(out), {name: np.asarray(a) for name, a in acts.items()}

@@ -67,7 +67,8 @@ def test_loss_and_gradients_match_torch(case, record):
         out = model.apply({"params": params}, jnp.asarray(x), train=True)
         return per_example_loss(out, jnp.asarray(y), log_probs).mean()
 
-    loss_f, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+    loss_f, grads = jax.jit(jax.value_and_grad(loss_fn),
+                            compiler_options=models.resolve_compiler_options(case.name, "train"))(variables["params"])
     grads_f = jaxvgg.to_torch(case.name, grads)
 
     record(case.id, "loss", abs(float(loss_f) - loss_t.item()), "rtol=atol=1e-5")
@@ -107,7 +108,7 @@ def _flax_run(case: Case, kind: str, variables: dict, batches: list, dtype) -> t
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), variables["params"])
     state = TrainState.for_model(case.name, model, {"params": params}, _flax_optimizer(kind, case, params),
                                  rng=jax.random.key(0))
-    step = jax.jit(train_step)
+    step = jax.jit(train_step, compiler_options=models.resolve_compiler_options(case.name, "train"))
     losses = []
     for x, y in batches:
         state, metrics = step(state, {"image": jnp.asarray(x.astype(dtype)), "label": jnp.asarray(y)})

@@ -56,6 +56,12 @@ def test_benchmark_smoke(tmp_path):
     assert rows[0]["mflop_per_img"] == pytest.approx(3 * rows[1]["mflop_per_img"])
     assert rows[4]["images"] == 256 and 0 < rows[4]["pipeline_fraction"] < 1
     assert "| cifar_cnn | train |" in proc.stdout
+    # each step is compiled with its model's XLA:CPU options, and the table says which
+    assert [r["xla_options"] for r in rows[:4]] == [{}, {}, {}, {models.YNN_FUSION_OPTION: ""}]
+    labels = {line.split("|")[1].strip() + " " + line.split("|")[2].strip(): line.split("|")[5].strip()
+              for line in proc.stdout.splitlines() if line.startswith(("| cifar_cnn |", "| transfer_head |"))}
+    assert labels == {"cifar_cnn train": "default", "cifar_cnn infer": "default", "transfer_head train": "default",
+                      "transfer_head infer": "YNNPACK off"}
 
 
 def test_benchmark_rejects_unknown_models():

@@ -92,6 +92,83 @@ def test_bad_impl_names_are_errors(monkeypatch):
         models.resolve_conv_impl("auto", 4, train=True)
 
 
+def test_compiler_options_resolution(monkeypatch):
+    monkeypatch.delenv(models.IMPL_ENV, raising=False)
+    ynn_off = {models.YNN_FUSION_OPTION: ""}
+    assert models.resolve_compiler_options("mnist_lenet", "train") == ynn_off
+    assert models.resolve_compiler_options("mnist_lenet", "infer") is None  # YNNPACK measured as fast there
+    assert models.resolve_compiler_options("transfer_head", "infer") == ynn_off
+    assert models.resolve_compiler_options("cifar_cnn", "train") is None
+    assert models.resolve_compiler_options(None, "train") is None  # a state built without a model name
+    options = models.resolve_compiler_options("vgg11", "infer")
+    options["mutated"] = True  # callers get a copy: the table stays as it is
+    assert models.resolve_compiler_options("vgg11", "infer") == ynn_off
+    monkeypatch.setenv(models.IMPL_ENV, "native")  # the forms forced off: XLA's defaults
+    assert models.resolve_compiler_options("mnist_lenet", "train") is None
+    monkeypatch.setenv(models.IMPL_ENV, "fast")
+    assert models.resolve_compiler_options("mnist_lenet", "train") == ynn_off
+    with pytest.raises(ValueError, match="mode='eval'"):
+        models.resolve_compiler_options("mnist_lenet", "eval")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # XLA:CPU options only go to the CPU compiler
+    assert models.resolve_compiler_options("mnist_lenet", "train") is None
+
+
+def test_compiler_options_reach_xla_and_keep_the_step_s_result(monkeypatch):
+    """LeNet's training step compiled with YNNPACK off has no YNNPACK fusion and computes the same step."""
+    from jaxvgg import optim, parallel
+    from jaxvgg.train import TrainState, train_step
+
+    monkeypatch.delenv(models.IMPL_ENV, raising=False)
+    variables = models.init_params("mnist_lenet", jax.random.PRNGKey(0))
+    rng = np.random.default_rng(4)
+    batch = {"image": jnp.asarray(rng.random((16, 28, 28, 1), np.float32)),
+             "label": jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))}
+    model = models.create_model("mnist_lenet")
+    state = TrainState.for_model("mnist_lenet", model, variables, optim.sgd(0.1, momentum=0.9), jax.random.PRNGKey(1))
+    mesh = parallel.make_mesh(1)
+    results, texts = [], []
+    for options in (None, models.resolve_compiler_options(state.model, "train")):
+        step = parallel.data_parallel(train_step, mesh, donate_state=False, compiler_options=options)
+        texts.append(step.lower(state, batch).compile().as_text())
+        results.append(step(state, batch))
+    assert "__ynn_fusion" in texts[0] and "__ynn_fusion" not in texts[1]
+    (a, metrics_a), (b, metrics_b) = results
+    np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-6)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_compiles_with_the_model_s_options(monkeypatch):
+    """`fit` asks for the state's model's train and infer options (and None for an unnamed state)."""
+    from jaxvgg import data, optim, parallel
+    from jaxvgg.train import FitConfig, TrainState, fit
+
+    monkeypatch.delenv(models.IMPL_ENV, raising=False)
+    seen = []
+    for name in ("data_parallel", "data_parallel_eval"):
+        real = getattr(parallel, name)
+
+        def spy(fn, mesh, *, _real=real, _name=name, compiler_options=None, **kwargs):
+            seen.append((_name, compiler_options))
+            return _real(fn, mesh, compiler_options=compiler_options, **kwargs)
+
+        monkeypatch.setattr(parallel, name, spy)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+    dataset = data.Dataset(images, rng.integers(0, 10, 8).astype(np.int32), tuple(str(i) for i in range(10)))
+    model = models.create_model("mnist_lenet")
+    variables = models.init_params("mnist_lenet", jax.random.PRNGKey(0))
+    to_float = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
+    for named in (True, False):
+        state = TrainState.for_model("mnist_lenet", model, variables, optim.sgd(0.01), jax.random.PRNGKey(1))
+        state = state if named else state.replace(model=None)
+        seen.clear()
+        fit(state, dataset, dataset, FitConfig(epochs=1, batch_size=4, quiet=True, num_devices=1),
+            train_transform=lambda key, x: to_float(x), eval_transform=to_float)
+        ynn_off = {models.YNN_FUSION_OPTION: ""} if named else None
+        assert seen == [("data_parallel", ynn_off), ("data_parallel_eval", None)]
+
+
 @pytest.mark.parametrize("name", ["cifar_cnn", "mnist_lenet", "vgg11"])
 def test_models_agree_across_forms(name):
     """Whole networks, forward and gradient, with every layer forced to each form."""
