@@ -229,11 +229,13 @@ def _batched(images: np.ndarray, batch_size: int):
 
 
 def extract_features(model: nn.Module, params: Any, datasets: list[data.Dataset], eval_tf: Callable,
-                     batch_size: int, quiet: bool, layer: str = FEATURE_LAYER) -> list[FeatureSet]:
+                     batch_size: int, quiet: bool, layer: str = FEATURE_LAYER,
+                     model_name: str | None = None) -> list[FeatureSet]:
     """``layer``'s outputs (eval mode; default classifier.4) of every image of each data set, through the frozen VGG.
 
     Outputs of a conv-stack layer are flattened in torch's (C, H, W) order. The data sets go through as
-    one stream, so only its last batch is padded and one program is compiled.
+    one stream, so only its last batch is padded and one program is compiled, with the XLA options of
+    ``model_name``'s inference (`jaxvgg.models.resolve_compiler_options`).
     """
     images = np.concatenate([dataset.images for dataset in datasets])
     batch_size = min(batch_size, len(images))
@@ -242,7 +244,7 @@ def extract_features(model: nn.Module, params: Any, datasets: list[data.Dataset]
         out = models.layer_outputs(model, {"params": p}, eval_tf(x))[1][layer]
         return models.torch_flatten(out) if out.ndim == 4 else out
 
-    fn = jax.jit(features)
+    fn = jax.jit(features, compiler_options=models.resolve_compiler_options(model_name, "infer"))
     chunks = [np.asarray(fn(params, batch))[:n]
               for batch, n in tqdm(_batched(images, batch_size), total=-(-len(images) // batch_size),
                                    desc="features", unit="batch", disable=quiet, leave=False)]
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.cache_features:
         t0 = time.perf_counter()
         train_x, val_x, test_x = extract_features(model, params, [train, val, test], eval_tf, cfg.eval_batch_size,
-                                                  cfg.quiet)
+                                                  cfg.quiet, model_name=MODEL)
         print(f"cached {FEATURE_LAYER} features of {len(train) + len(val) + len(test)} images "
               f"in {time.perf_counter() - t0:.0f} s")
         width, rate = models.vgg16_transfer.keywords["transfer_head"]

@@ -46,6 +46,7 @@ from jaxvgg.train import FitConfig, TrainState, fit
 
 
 # VGG-A's layers a head can sit on (flax names: features_15 = torch's features.15)
+BACKBONE_MODEL = "vgg11"  # VGG-A, as experiments.cifar_vgg trains it
 LAYERS = ("classifier_4", "classifier_1", "features_20", "features_15")
 
 
@@ -101,7 +102,7 @@ def load_backbone(run_dir: str | Path) -> tuple[Any, Any, dict]:
     val_acc = meta["history"]["epoch"]["val_accuracy"][meta["epoch"] - 1]
     info = {"backbone": str(run_dir), "backbone_epoch": meta["epoch"], "backbone_checkpoint": "best" if best else "last",
             "backbone_val_accuracy": val_acc}
-    model = jaxvgg.create_model("vgg11", num_classes=10, dropout_rate=run_cfg.dropout)
+    model = jaxvgg.create_model(BACKBONE_MODEL, num_classes=10, dropout_rate=run_cfg.dropout)
     return model, state.params, info
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     train_x, val_x, test_x = extract_features(model, params, [train, val, test], mnist_as_cifar, cfg.eval_batch_size,
-                                              cfg.quiet, layer=cfg.layer)
+                                              cfg.quiet, layer=cfg.layer, model_name=BACKBONE_MODEL)
     width = int(train_x.images.shape[1])
     print(f"cached {cfg.layer} features ({width}-d) of {len(train) + len(val) + len(test)} images "
           f"in {time.perf_counter() - t0:.0f} s")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -95,7 +96,7 @@ def penultimate_features(model_name: str, model: nn.Module, variables: Any, imag
     layer, after = _PENULTIMATE[model_name]
     transform = transform or (lambda x: x)
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=models.resolve_compiler_options(model_name, "infer"))
     def features(variables, batch):
         x = transform(batch)
         if layer is None:
