@@ -176,7 +176,7 @@ def _transfer_head_case(key: jax.Array) -> Case:
         for index, layer in ((1, "classifier_6_0"), (4, "classifier_6_3")):
             torch_head[index].weight.copy_(torch.from_numpy(np.asarray(params[layer]["kernel"]).T.copy()))
             torch_head[index].bias.copy_(torch.from_numpy(np.asarray(params[layer]["bias"])))
-    return Case("transfer_head", (FEATURES,), head, params, torch_head, log_probs=True, optimizer="adam")
+    return Case(models.TRANSFER_HEAD, (FEATURES,), head, params, torch_head, log_probs=True, optimizer="adam")
 
 
 def build_case(name: str, key: jax.Array) -> Case:
@@ -239,8 +239,10 @@ def forward_max_abs_diff(case: Case, batch_size: int = 8) -> float:
     return float(np.abs(out - ref).max())
 
 
-def jax_runner(case: Case, mode: str, batch_size: int) -> tuple[Callable[[int], None], float, float, int]:
-    """(run(n) that does n steps and waits for them, compile seconds, forward FLOPs per image, devices).
+def jax_runner(case: Case, mode: str,
+               batch_size: int) -> tuple[Callable[[int], None], float, float, int, dict[str, Any] | None]:
+    """(run(n) that does n steps and waits for them, compile seconds, forward FLOPs per image, devices,
+    the XLA compile options of the step).
 
     The step runs as `jaxvgg.train.fit` runs it: data parallel over `parallel.auto_num_devices` devices.
     """
@@ -277,7 +279,7 @@ def jax_runner(case: Case, mode: str, batch_size: int) -> tuple[Callable[[int], 
             for _ in range(n):
                 out = apply(params, batch["image"])
             jax.block_until_ready(out)
-    return run, compile_s, flops, mesh.size
+    return run, compile_s, flops, mesh.size, options
 
 
 def torch_runner(case: Case, mode: str, batch_size: int, compiled: bool = False) -> Callable[[int], None]:
@@ -331,7 +333,7 @@ def _compiled_torch_runner(case: Case, mode: str, batch_size: int,
 def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say: Callable[[str], None],
             torch_compile: bool = False) -> dict:
     """Alternating rounds of the frameworks (jax, torch eager, optionally torch.compile); one result row."""
-    jax_run, compile_s, flops, devices = jax_runner(case, mode, batch_size)
+    jax_run, compile_s, flops, devices, options = jax_runner(case, mode, batch_size)
     runners = {"jax": jax_run, "torch": torch_runner(case, mode, batch_size)}
     extra: dict[str, Any] = {}
     if torch_compile:
@@ -361,7 +363,7 @@ def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say
         "jax_rounds": rates["jax"], "torch_rounds": rates["torch"],
         "mflop_per_img": step_flops / 1e6, "gflops": step_flops * jax_img_s / 1e9,
         "torch_gflops": step_flops * torch_img_s / 1e9, "compile_s": compile_s,
-        "xla_options": models.resolve_compiler_options(case.name, mode) or {},
+        "xla_options": options or {},
     }
 
 

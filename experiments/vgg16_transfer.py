@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         head = TransferHead(num_classes, width, rate)
         head_params = {k: v for k, v in params.items() if k.startswith(HEAD_PREFIX)}  # the model's fresh init
         state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr), rng=key_train,
-                                  log_probs=True, model="transfer_head")
+                                  log_probs=True, model=models.TRANSFER_HEAD)
         state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
                              train_transform=_features_as_they_are_train, eval_transform=_features_as_they_are)
         params = {**params, **state.params}  # the trained head back into the full model

@@ -40,7 +40,7 @@ from experiments import cifar_vgg
 from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
 from experiments.vgg16_transfer import (FEATURE_LAYER, HEAD_PREFIX, TransferHead, _features_as_they_are,
                                         _features_as_they_are_train, extract_features)
-from jaxvgg import augment, evaluation, metrics, optim, plots
+from jaxvgg import augment, evaluation, metrics, models, optim, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = jaxvgg.count_params(head_params)
     print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
     state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr),
-                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True, model="transfer_head")
+                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True, model=models.TRANSFER_HEAD)
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
                         resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
                         eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)

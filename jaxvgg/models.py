@@ -118,10 +118,13 @@ def resolve_pool_impl(impl: str, train: bool) -> str:
 # the transfer head's inference +10-18 %; for the other pairs YNNPACK was as fast or faster.
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNNPACK_OFF = {YNN_FUSION_OPTION: ""}
+# not a registry model: the name under which the transfer experiments' head (trained alone on cached
+# features) and its benchmark case look up their options
+TRANSFER_HEAD = "transfer_head"
 CPU_COMPILER_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("mnist_lenet", "train"): _YNNPACK_OFF,
     ("vgg11", "infer"): _YNNPACK_OFF,
-    ("transfer_head", "infer"): _YNNPACK_OFF,  # experiments.vgg16_transfer's head on cached features
+    (TRANSFER_HEAD, "infer"): _YNNPACK_OFF,
 }
 COMPILE_MODES = ("train", "infer")
 
@@ -129,7 +132,7 @@ COMPILE_MODES = ("train", "infer")
 def resolve_compiler_options(model: str | None, mode: str) -> dict[str, Any] | None:
     """XLA compile options for jitting ``model``'s ``mode`` ("train" or "infer") step, or None.
 
-    ``model`` is a registry name (or "transfer_head"); None, an unlisted model, a GPU/TPU backend (the
+    ``model`` is a registry name (or `TRANSFER_HEAD`); None, an unlisted model, a GPU/TPU backend (the
     options are XLA:CPU's) and ``JAXVGG_IMPL=native`` give None (XLA's defaults); ``JAXVGG_IMPL=fast``
     keeps them, so the parity suite's fast form runs with them.
     """

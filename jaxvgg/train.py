@@ -36,7 +36,7 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     log_probs: bool = struct.field(pytree_node=False, default=False)  # outputs are log-probs: NLL loss
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
-    # registry name of the network (or "transfer_head"): picks its XLA compile options in `fit`, see
+    # registry name of the network (or models.TRANSFER_HEAD): picks its XLA compile options in `fit`, see
     # `models.resolve_compiler_options`; None compiles with XLA's defaults
     model: str | None = struct.field(pytree_node=False, default=None)
     plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
