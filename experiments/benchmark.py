@@ -54,6 +54,10 @@ MODEL_NAMES = ("cifar_cnn", "vgg11", "mnist_lenet", "transfer_head")
 DEFAULT_STEPS = {("cifar_cnn", "train"): 6, ("cifar_cnn", "infer"): 6, ("vgg11", "train"): 2,
                  ("vgg11", "infer"): 2, ("mnist_lenet", "train"): 30, ("mnist_lenet", "infer"): 30,
                  ("transfer_head", "train"): 100, ("transfer_head", "infer"): 100}
+# Issue 5's targets, jax/torch eager on the same allocator: training VGG-A >= 1.0x, CNN and LeNet >= 1.3x
+# (none for the transfer head), inference >= 1.2x for every model.
+TARGETS = {("vgg11", "train"): 1.0, ("cifar_cnn", "train"): 1.3, ("mnist_lenet", "train"): 1.3,
+           **{(name, "infer"): 1.2 for name in MODEL_NAMES}}
 TRANSFER_CLASSES = 100  # vgg16_transfer's registry default
 FEATURES = 4096
 
@@ -363,7 +367,7 @@ def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say
         "jax_rounds": rates["jax"], "torch_rounds": rates["torch"],
         "mflop_per_img": step_flops / 1e6, "gflops": step_flops * jax_img_s / 1e9,
         "torch_gflops": step_flops * torch_img_s / 1e9, "compile_s": compile_s,
-        "xla_options": options or {},
+        "xla_options": options or {}, "target": TARGETS.get((case.name, mode)),
     }
 
 
@@ -484,21 +488,28 @@ def _options_label(options: dict | None) -> str:
     return " ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
 
 
+def _target_label(target: float | None, ratio: float) -> str:
+    """"≥ 1.3x met" / "≥ 1.3x not met" for the table; "–" where issue 5 sets no target."""
+    if target is None:
+        return "–"
+    return f"≥ {target:.1f}x {'met' if ratio >= target else 'not met'}"
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, the epoch timings and matmul peaks below it."""
     compiled = any("torch_compile_s" in r for r in rows)
     lines = ["| model | mode | allocator | jax devices | XLA:CPU | jax img/s | torch img/s | jax/torch (range) "
-             "| jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
+             "| target | jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
              + (" torch.compile img/s (compile s) | jax/compiled |" if compiled else ""),
-             "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
+             "|---|---|---|---:|---|---:|---:|---|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for r in rows:
         if r["mode"] == "epoch":
             continue
         line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | "
                 f"{_options_label(r.get('xla_options'))} | {r['jax_img_s']:,.0f} | "
                 f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
-                f"{r['gflops']:.0f} ({r['torch_gflops']:.0f}) | {100 * r['gflops'] / r['peak_gflops_jax']:.0f} % "
-                f"| {r['compile_s']:.1f} |")
+                f"{_target_label(r.get('target'), r['ratio'])} | {r['gflops']:.0f} ({r['torch_gflops']:.0f}) | "
+                f"{100 * r['gflops'] / r['peak_gflops_jax']:.0f} % | {r['compile_s']:.1f} |")
         if compiled:
             line += (f" {r['torch_compile_img_s']:,.0f} ({r['torch_compile_s']:.0f}) | "
                      f"{r['torch_compile_ratio']:.2f}x |" if r.get("torch_compile_img_s") else " failed | – |")

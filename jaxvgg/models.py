@@ -66,10 +66,15 @@ vgg_linear_init = nn.initializers.normal(stddev=0.01)
 # forms are what cuDNN/XLA are tuned for. "auto" picks per layer at trace time; the environment
 # variable JAXVGG_IMPL=native|fast|auto overrides every "auto" (the parity suite runs with both forms
 # forced; "fast" is every CPU fast form: im2col, and direct for single-channel inference).
-CONV_IMPLS = ("auto", "lax", "im2col", "direct")
+# Where every output pixel's window covers the whole input map (fewer input pixels than kernel taps:
+# VGG's last block, 3x3 convs with padding 1 on 2x2 maps, at 32x32 inputs), im2col multiplies mostly
+# padding zeros (5 of every 9 taps there); "toeplitz" multiplies the flattened map by the conv's
+# (H*W*C_in, OH*OW*C_out) matrix instead, 16 instead of 36 kernel blocks per image, in training and
+# inference alike.
+CONV_IMPLS = ("auto", "lax", "im2col", "direct", "toeplitz")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
 IMPL_ENV = "JAXVGG_IMPL"
-# In inference, im2col wins on the CPU below this many output pixels per image (VGG's last blocks);
+# In inference, im2col wins on the CPU below this many output pixels per image (VGG's 8x8 and 4x4 blocks);
 # lax.conv elsewhere (up to 2x for the CIFAR CNN), except single-channel inputs (direct, above). In
 # training, im2col wins everywhere measured.
 IM2COL_MAX_INFER_PIXELS = 64
@@ -82,8 +87,12 @@ def _impl_mode() -> str:
     return mode
 
 
-def resolve_conv_impl(impl: str, out_pixels: int, train: bool, in_channels: int = 0) -> str:
-    """The concrete conv form ("lax", "im2col" or "direct") of a layer with ``out_pixels`` = H*W outputs."""
+def resolve_conv_impl(impl: str, out_pixels: int, train: bool, in_channels: int = 0, in_pixels: int = 0,
+                      taps: int = 0) -> str:
+    """The concrete conv form ("lax", "im2col", "direct" or "toeplitz") of a layer.
+
+    ``out_pixels`` and ``in_pixels`` are H*W of its output and input maps, ``taps`` is kh*kw (0: unknown).
+    """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r}; expected one of {CONV_IMPLS}")
     if impl != "auto":
@@ -91,6 +100,8 @@ def resolve_conv_impl(impl: str, out_pixels: int, train: bool, in_channels: int 
     mode = _impl_mode()
     if mode == "native" or (mode == "auto" and jax.default_backend() != "cpu"):
         return "lax"
+    if 0 < in_pixels < taps:
+        return "toeplitz"
     if in_channels == 1 and not train:
         return "direct"
     if mode == "fast":
@@ -187,6 +198,34 @@ def conv_direct(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return jnp.transpose(y, (1, 2, 3, 0))
 
 
+def _toeplitz_taps(h: int, w: int, kh: int, kw: int, padding: int) -> np.ndarray:
+    """(h*w, oh*ow) index of the kernel tap that joins input pixel u to output pixel v; kh*kw for none."""
+    oh, ow = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    i = np.arange(h)[:, None, None, None] - np.arange(oh)[None, None, :, None] + padding  # (h, 1, oh, 1)
+    j = np.arange(w)[None, :, None, None] - np.arange(ow)[None, None, None, :] + padding  # (1, w, 1, ow)
+    inside = (i >= 0) & (i < kh) & (j >= 0) & (j < kw)
+    return np.where(inside, i * kw + j, kh * kw).reshape(h * w, oh * ow)
+
+
+def conv_toeplitz(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 NHWC convolution as one matmul by its (H*W*C_in, OH*OW*C_out) block-Toeplitz matrix.
+
+    Block (u, v) of the matrix is the kernel tap joining input pixel u to output pixel v (zeros where no
+    tap does), so it pays off only on maps smaller than the kernel's window: there it skips the padding
+    zeros that im2col multiplies. The matrix is gathered from the kernel, so its gradient flows back to
+    the taps.
+    """
+    kh, kw, cin, cout = kernel.shape
+    b, h, w, _ = x.shape
+    oh, ow = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    taps = _toeplitz_taps(h, w, kh, kw, padding)
+    k = kernel.reshape(kh * kw, cin, cout)
+    if (taps == kh * kw).any():  # some pixel pairs are joined by no tap: a zero block
+        k = jnp.concatenate([k, jnp.zeros((1, cin, cout), k.dtype)])
+    matrix = jnp.transpose(k[taps], (0, 2, 1, 3)).reshape(h * w * cin, oh * ow * cout)
+    return (x.reshape(b, h * w * cin) @ matrix).reshape(b, oh, ow, cout)
+
+
 class Conv2d(nn.Module):
     """torch.nn.Conv2d (stride 1, symmetric zero padding) with flax.linen.Conv's parameters.
 
@@ -207,11 +246,13 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         out_pixels = (x.shape[1] + 2 * p - k + 1) * (x.shape[2] + 2 * p - k + 1)
-        impl = resolve_conv_impl(self.impl, out_pixels, train, x.shape[-1])
+        impl = resolve_conv_impl(self.impl, out_pixels, train, x.shape[-1], x.shape[1] * x.shape[2], k * k)
         if impl == "im2col":
             y = conv_im2col(x, kernel, p)
         elif impl == "direct":
             y = conv_direct(x, kernel, p)
+        elif impl == "toeplitz":
+            y = conv_toeplitz(x, kernel, p)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -62,6 +62,17 @@ def test_benchmark_smoke(tmp_path):
               for line in proc.stdout.splitlines() if line.startswith(("| cifar_cnn |", "| transfer_head |"))}
     assert labels == {"cifar_cnn train": "default", "cifar_cnn infer": "default", "transfer_head train": "default",
                       "transfer_head infer": "YNNPACK off"}
+    # issue 5's targets, and whether the row's ratio meets them
+    assert [r["target"] for r in rows[:4]] == [1.3, 1.2, None, 1.2]
+    targets = [line.split("|")[9].strip() for line in proc.stdout.splitlines()
+               if line.startswith(("| cifar_cnn |", "| transfer_head |"))]
+    assert targets == [benchmark._target_label(r["target"], r["ratio"]) for r in rows[:4]]
+
+
+def test_target_labels():
+    assert benchmark._target_label(1.3, 1.31) == "≥ 1.3x met"
+    assert benchmark._target_label(1.2, 1.19) == "≥ 1.2x not met"
+    assert benchmark._target_label(None, 2.0) == "–"
 
 
 def test_benchmark_rejects_unknown_models():

@@ -1,4 +1,4 @@
-"""The CPU fast forms (im2col convs, reshape max-pool) compute what the native lax forms compute."""
+"""The CPU fast forms (im2col, direct and Toeplitz convs, reshape max-pool) compute what the lax forms compute."""
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,43 @@ def test_direct_refuses_several_input_channels():
         models.conv_direct(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 1)
 
 
+@pytest.mark.parametrize("hw,cin,cout,kernel,padding", [
+    ((2, 2), 16, 8, 3, 1),  # VGG's last block at 32x32: every pixel pair joined by a tap
+    ((1, 1), 4, 6, 3, 1),  # only the centre tap
+    ((3, 3), 5, 4, 3, 1),  # corner pixels joined by no tap: zero blocks
+    ((2, 3), 3, 4, 3, 1), ((3, 3), 2, 4, 3, 0), ((4, 4), 3, 2, 5, 2),
+])
+def test_toeplitz_matches_lax_conv(hw, cin, cout, kernel, padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, *hw, cin)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)).astype(np.float32))
+    _assert_conv_matches_lax(models.conv_toeplitz, x, k, padding)
+
+
+def test_toeplitz_taps_of_a_2x2_map():
+    # input pixel (r, s) reaches output pixel (p, q) through tap (r - p + 1, s - q + 1) of a 3x3 kernel
+    taps = models._toeplitz_taps(2, 2, 3, 3, 1)
+    assert taps.shape == (4, 4)
+    assert taps[0].tolist() == [4, 3, 1, 0]  # input (0, 0) to outputs (0, 0), (0, 1), (1, 0), (1, 1)
+    assert taps[3].tolist() == [8, 7, 5, 4]
+    assert models._toeplitz_taps(3, 3, 3, 3, 1)[0, 8] == 9  # (0, 0) and (2, 2) are joined by no tap
+
+
+def _conv_primitives(hw, monkeypatch, mode):
+    monkeypatch.setenv(models.IMPL_ENV, mode)
+    layer = models.Conv2d(8, 3, 1)
+    x = jnp.ones((2, *hw, 4))
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    return {str(e.primitive) for e in jax.make_jaxpr(lambda v: layer.apply(v, x, True))(variables).eqns}
+
+
+def test_conv2d_layer_picks_toeplitz_on_maps_smaller_than_its_window(monkeypatch):
+    assert "gather" in _conv_primitives((2, 2), monkeypatch, "auto")  # the Toeplitz matrix, gathered from taps
+    assert "conv_general_dilated" not in _conv_primitives((2, 2), monkeypatch, "auto")
+    assert "gather" not in _conv_primitives((4, 4), monkeypatch, "auto")  # im2col in training
+    assert "conv_general_dilated" in _conv_primitives((2, 2), monkeypatch, "native")
+
+
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (2, 2), (5, 5)])
 def test_reshape_max_pool_matches_reduce_window(hw):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, *hw, 4)).astype(np.float32))
@@ -68,6 +105,9 @@ def test_auto_resolution_on_cpu(monkeypatch):
     assert models.resolve_conv_impl("auto", 2 * 2, train=False) == "im2col"  # VGG's last block
     assert models.resolve_conv_impl("auto", 28 * 28, train=False, in_channels=1) == "direct"  # LeNet's conv1
     assert models.resolve_conv_impl("auto", 28 * 28, train=True, in_channels=1) == "im2col"
+    for train in (True, False):  # VGG's last block at 32x32 (2x2 maps, 3x3 taps), and its 4x4 block
+        assert models.resolve_conv_impl("auto", 4, train, 512, in_pixels=4, taps=9) == "toeplitz"
+        assert models.resolve_conv_impl("auto", 16, train, 256, in_pixels=16, taps=9) == "im2col"
     assert models.resolve_pool_impl("auto", train=True) == "reshape"
     assert models.resolve_pool_impl("auto", train=False) == "reduce_window"
     assert models.resolve_conv_impl("lax", 4, train=True) == "lax"  # explicit choices are kept
@@ -77,9 +117,11 @@ def test_auto_resolution_on_cpu(monkeypatch):
     monkeypatch.setenv(models.IMPL_ENV, "fast")
     assert models.resolve_conv_impl("auto", 4096, train=False) == "im2col"
     assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "direct"
+    assert models.resolve_conv_impl("auto", 4, train=False, in_channels=512, in_pixels=4, taps=9) == "toeplitz"
     assert models.resolve_pool_impl("auto", train=False) == "reshape"
     monkeypatch.setenv(models.IMPL_ENV, "native")
     assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "lax"
+    assert models.resolve_conv_impl("auto", 4, train=True, in_channels=512, in_pixels=4, taps=9) == "lax"
 
 
 def test_bad_impl_names_are_errors(monkeypatch):
