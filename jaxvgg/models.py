@@ -65,7 +65,8 @@ vgg_linear_init = nn.initializers.normal(stddev=0.01)
 # with im2col, whose weight gradient is one matmul). On GPU/TPU the native lax.conv / reduce_window
 # forms are what cuDNN/XLA are tuned for. "auto" picks per layer at trace time; the environment
 # variable JAXVGG_IMPL=native|fast|auto overrides every "auto" (the parity suite runs with both forms
-# forced; "fast" is every CPU fast form: im2col, and direct for single-channel inference).
+# forced; "fast" is every CPU fast form: im2col, Toeplitz (below), and direct for single-channel
+# inference).
 # Where every output pixel's window covers the whole input map (fewer input pixels than kernel taps:
 # VGG's last block, 3x3 convs with padding 1 on 2x2 maps, at 32x32 inputs), im2col multiplies mostly
 # padding zeros (5 of every 9 taps there); "toeplitz" multiplies the flattened map by the conv's
