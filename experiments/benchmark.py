@@ -11,7 +11,8 @@ table gives the median images/s of each, their ratio with its range over rounds,
 (forward FLOPs counted from the jaxpr, x3 for a training step) against a float32 matmul peak measured
 here, and the XLA compile time of the first step. The JAX steps are compiled as `jaxvgg.train.fit`
 compiles them: with the model's XLA:CPU options (`jaxvgg.models.resolve_compiler_options`, the table's
-"XLA:CPU" column; ``JAXVGG_IMPL=native`` turns them off with the CPU conv forms).
+"XLA:CPU" column) and matrix products (`jaxvgg.gemm`: MKL's sgemm where built, the "GEMM" column);
+``JAXVGG_IMPL=native`` turns both off with the CPU conv forms.
 
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import parse_config
-from jaxvgg import augment, convert, data, models, optim, parallel, runtime
+from jaxvgg import augment, convert, data, gemm, models, optim, parallel, runtime
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit, train_step
 
@@ -103,6 +104,10 @@ def _eqn_flops(eqn: Any) -> float:
         spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
         per_output = rhs[spec[1]] * np.prod([rhs[d] for d in spec[2:]])
         return 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
+    if prim == "ffi_call" and eqn.params["target_name"] == gemm.FFI_TARGET:  # MKL's sgemm: (m, k) x (k, n)
+        lhs = eqn.invars[0].aval.shape
+        k = lhs[0] if dict(eqn.params["attributes"])["trans_a"] else lhs[1]
+        return 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
     return 0.0
 
 
@@ -367,7 +372,7 @@ def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say
         "jax_rounds": rates["jax"], "torch_rounds": rates["torch"],
         "mflop_per_img": step_flops / 1e6, "gflops": step_flops * jax_img_s / 1e9,
         "torch_gflops": step_flops * torch_img_s / 1e9, "compile_s": compile_s,
-        "xla_options": options or {}, "target": TARGETS.get((case.name, mode)),
+        "xla_options": options or {}, "gemm": gemm.backend(), "target": TARGETS.get((case.name, mode)),
     }
 
 
@@ -498,15 +503,15 @@ def _target_label(target: float | None, ratio: float) -> str:
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table, the epoch timings and matmul peaks below it."""
     compiled = any("torch_compile_s" in r for r in rows)
-    lines = ["| model | mode | allocator | jax devices | XLA:CPU | jax img/s | torch img/s | jax/torch (range) "
+    lines = ["| model | mode | allocator | jax devices | XLA:CPU | GEMM | jax img/s | torch img/s | jax/torch (range) "
              "| target | jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
              + (" torch.compile img/s (compile s) | jax/compiled |" if compiled else ""),
-             "|---|---|---|---:|---|---:|---:|---|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
+             "|---|---|---|---:|---|---|---:|---:|---|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for r in rows:
         if r["mode"] == "epoch":
             continue
         line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | "
-                f"{_options_label(r.get('xla_options'))} | {r['jax_img_s']:,.0f} | "
+                f"{_options_label(r.get('xla_options'))} | {r.get('gemm', 'xla')} | {r['jax_img_s']:,.0f} | "
                 f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                 f"{_target_label(r.get('target'), r['ratio'])} | {r['gflops']:.0f} ({r['torch_gflops']:.0f}) | "
                 f"{100 * r['gflops'] / r['peak_gflops_jax']:.0f} % | {r['compile_s']:.1f} |")

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvgg import gemm
+
 # VGG configurations: conv widths, "M" = 2x2 max-pool (Simonyan & Zisserman 2015, Table 1;
 # the same lists as torchvision.models.vgg.cfgs).
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -171,13 +173,13 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
         # one input channel (LeNet's first layer): the patch vectors are short (kh*kw) and the outputs
         # few, so put the long axis (every output pixel) last: kernel^T (C_out, kh*kw) @ patches.
         patches = jnp.stack([x[:, i:i + oh, j:j + ow, 0] for i in range(kh) for j in range(kw)])
-        y = kernel.reshape(kh * kw, cout).T @ patches.reshape(kh * kw, b * oh * ow)
+        y = gemm.matmul(kernel.reshape(kh * kw, cout).T, patches.reshape(kh * kw, b * oh * ow))
         return jnp.transpose(y.reshape(cout, b, oh, ow), (1, 2, 3, 0))
     if (kh, kw) == (1, 1):
         patches = x
     else:
         patches = jnp.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
-    y = patches.reshape(b * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    y = gemm.matmul(patches.reshape(b * oh * ow, kh * kw * cin), kernel.reshape(kh * kw * cin, cout))
     return y.reshape(b, oh, ow, cout)
 
 
@@ -224,7 +226,7 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     if (taps == kh * kw).any():  # some pixel pairs are joined by no tap: a zero block
         k = jnp.concatenate([k, jnp.zeros((1, cin, cout), k.dtype)])
     matrix = jnp.transpose(k[taps], (0, 2, 1, 3)).reshape(h * w * cin, oh * ow * cout)
-    return (x.reshape(b, h * w * cin) @ matrix).reshape(b, oh, ow, cout)
+    return gemm.matmul(x.reshape(b, h * w * cin), matrix).reshape(b, oh, ow, cout)
 
 
 class Conv2d(nn.Module):
@@ -269,7 +271,7 @@ def _torch_conv(name: str, features: int, in_features: int, kernel: int, padding
 
 def _torch_dense(name: str, features: int, in_features: int) -> nn.Dense:
     return nn.Dense(features, kernel_init=torch_default_kernel_init,
-                    bias_init=torch_default_bias_init(in_features), name=name)
+                    bias_init=torch_default_bias_init(in_features), dot_general=gemm.dot_general, name=name)
 
 
 def max_pool_2x2(x: jax.Array, impl: str = "reduce_window", train: bool = False) -> jax.Array:
@@ -364,7 +366,8 @@ class VGG(nn.Module):
             x = self._record("avgpool", adaptive_avg_pool(x, self.avgpool_size))
         x = torch_flatten(x)
 
-        dense = partial(nn.Dense, kernel_init=vgg_linear_init, bias_init=nn.initializers.zeros)
+        dense = partial(nn.Dense, kernel_init=vgg_linear_init, bias_init=nn.initializers.zeros,
+                        dot_general=gemm.dot_general)
         for i in (0, 3):
             x = dense(self.hidden, name=f"classifier_{i}")(x)
             x = self._record(f"classifier_{i + 1}", nn.relu(x))

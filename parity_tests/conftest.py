@@ -1,7 +1,8 @@
 """Collects the max |Δ| every parity check measured; prints the table and writes it as JSON.
 
-Every test that builds a model runs twice, once per form of the convolutions and max-pools
-(``jaxvgg.models``: "native" lax.conv / reduce_window, "fast" im2col / reshape max-pool), forced
+Every test that builds a model runs twice, once per form of the convolutions, max-pools and matrix
+products (``jaxvgg.models``, ``jaxvgg.gemm``): "native" is lax.conv / reduce_window and XLA's dots,
+"fast" is im2col / reshape max-pool and MKL's products where they are built. The form is forced
 through ``$JAXVGG_IMPL``: speed must never change the function computed. Tests in
 `FORM_INDEPENDENT_MODULES` / `FORM_INDEPENDENT_TESTS` compute no model output and run once
 (recorded as "native"); the fast-form copies of the 10-step optimizer runs are marked slow.
@@ -22,7 +23,7 @@ pytest.importorskip("torch", reason="parity tests compare against PyTorch: pip i
 
 import jax  # noqa: E402
 
-from jaxvgg import models  # noqa: E402
+from jaxvgg import gemm, models  # noqa: E402
 from parity_tests.report import FORMS, markdown_table  # noqa: E402
 
 # test modules (by file stem) and tests that compute no model output: the form cannot matter, so they run once
@@ -62,6 +63,8 @@ def impl(request, monkeypatch):
     form = getattr(request, "param", "native")
     monkeypatch.setenv(models.IMPL_ENV, form)
     assert (models.resolve_conv_impl("auto", 1, False), models.resolve_pool_impl("auto", False)) == _EXPECTED[form]
+    # and the matrix products: XLA's in the native form, MKL's in the fast one where it is built
+    assert gemm.backend() == ("mkl" if form == "fast" and gemm._load() is None else "xla")
     jax.clear_caches()
     yield form
     jax.clear_caches()

@@ -10,8 +10,13 @@ fi
 stamp=.venv/.jaxvgg-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[torch,dev]"
+    .venv/bin/python -m pip install -q -e ".[torch,dev,mkl]"
     touch "$stamp"
+fi
+# MKL's sgemm as an XLA custom call (jaxvgg/gemm.py); without it the XLA dots run, nothing else changes.
+gemm=jaxvgg/native/libjaxvgg_gemm.so
+if [ "$(uname -m)" = x86_64 ] && { [ ! -f "$gemm" ] || [ jaxvgg/native/gemm.cc -nt "$gemm" ]; }; then
+    bash scripts/build_gemm.sh || echo "note: scripts/build_gemm.sh failed; matrix products stay XLA's" >&2
 fi
 # tcmalloc: the experiments re-exec with it preloaded (jaxvgg/runtime.py); optional, so a machine
 # without root or apt just runs with the system allocator.

@@ -10,13 +10,18 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import benchmark
-from jaxvgg import models
+from jaxvgg import gemm, models
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data"
 
 
-def test_flop_count_of_the_cifar_cnn():
+@pytest.mark.parametrize("backend", ["xla", "mkl"])
+def test_flop_count_of_the_cifar_cnn(monkeypatch, backend):
+    # the count reads XLA's dots and convs, and MKL's sgemm custom calls (jaxvgg.gemm)
+    if backend == "mkl" and gemm._load() is not None:
+        pytest.skip(gemm._load())
+    monkeypatch.setenv(gemm.GEMM_ENV, backend)
     # MACs by hand: conv1 30*30*64*27, conv2 13*13*128*576, conv3 4*4*256*1152, fc 1024*128 + 128*256 + 256*10
     macs = 30 * 30 * 64 * 27 + 13 * 13 * 128 * 576 + 4 * 4 * 256 * 1152 + 1024 * 128 + 128 * 256 + 256 * 10
     model = models.create_model("cifar_cnn")
@@ -62,9 +67,13 @@ def test_benchmark_smoke(tmp_path):
               for line in proc.stdout.splitlines() if line.startswith(("| cifar_cnn |", "| transfer_head |"))}
     assert labels == {"cifar_cnn train": "default", "cifar_cnn infer": "default", "transfer_head train": "default",
                       "transfer_head infer": "YNNPACK off"}
+    # the matrix products' backend (jaxvgg.gemm), in the rows and the table
+    assert {r["gemm"] for r in rows[:4]} == {gemm.backend()}
+    assert {line.split("|")[6].strip() for line in proc.stdout.splitlines()
+            if line.startswith(("| cifar_cnn |", "| transfer_head |"))} == {gemm.backend()}
     # issue 5's targets, and whether the row's ratio meets them
     assert [r["target"] for r in rows[:4]] == [1.3, 1.2, None, 1.2]
-    targets = [line.split("|")[9].strip() for line in proc.stdout.splitlines()
+    targets = [line.split("|")[10].strip() for line in proc.stdout.splitlines()
                if line.startswith(("| cifar_cnn |", "| transfer_head |"))]
     assert targets == [benchmark._target_label(r["target"], r["ratio"]) for r in rows[:4]]
 
