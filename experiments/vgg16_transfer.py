@@ -25,6 +25,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 import jaxvgg
 from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
-from jaxvgg import augment, data, evaluation, metrics, models, optim, parallel, plots
+from jaxvgg import augment, data, evaluation, gemm, metrics, models, optim, parallel, plots
 from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL = "vgg16_transfer"
@@ -204,9 +205,10 @@ class TransferHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Dropout(self.features_dropout_rate, deterministic=not train, name="classifier_5")(x)
-        x = nn.relu(nn.Dense(self.width, name=f"{HEAD_PREFIX}_0")(x))
+        dense = partial(nn.Dense, dot_general=gemm.dot_general)  # MKL's products where built (jaxvgg.gemm)
+        x = nn.relu(dense(self.width, name=f"{HEAD_PREFIX}_0")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"{HEAD_PREFIX}_2")(x)
-        return nn.log_softmax(nn.Dense(self.num_classes, name=f"{HEAD_PREFIX}_3")(x), axis=-1)
+        return nn.log_softmax(dense(self.num_classes, name=f"{HEAD_PREFIX}_3")(x), axis=-1)
 
 
 def _features_as_they_are(features: jax.Array) -> jax.Array:

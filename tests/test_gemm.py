@@ -124,3 +124,16 @@ def test_models_train_the_same_with_either_backend(mkl, monkeypatch, name, hw):
         for key in path:
             b = b[key.key]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_every_dense_layer_of_the_models_and_the_transfer_head_goes_through_mkl(mkl):
+    from experiments.vgg16_transfer import TransferHead
+
+    def sgemm_calls(module, x):
+        variables = jax.jit(module.init)(jax.random.PRNGKey(0), x)
+        return jax.jit(module.apply).lower(variables, x).as_text().count(f"@{gemm.FFI_TARGET}(")
+
+    assert sgemm_calls(TransferHead(10), jnp.zeros((2, 4096))) == 2
+    assert sgemm_calls(models.create_model("mnist_linear"), jnp.zeros((2, 28, 28, 1))) == 1
+    # LeNet in inference: conv1 direct (no product), conv2 by lax.conv above 64 output pixels, 3 Dense
+    assert sgemm_calls(models.create_model("mnist_lenet"), jnp.zeros((2, 28, 28, 1))) == 3
