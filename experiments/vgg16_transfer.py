@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn

@@ -57,7 +57,9 @@ def backend() -> str:
         raise ValueError(f"{GEMM_ENV}={choice!r}; expected one of {GEMM_BACKENDS}")
     if choice == "xla" or jax.default_backend() != "cpu":
         return "xla"
-    if choice == "auto" and (os.environ.get("JAXVGG_IMPL") == "native" or jax.device_count() > 1):
+    from jaxvgg import models  # at trace time; models imports this module
+
+    if choice == "auto" and (models._impl_mode() == "native" or jax.device_count() > 1):
         return "xla"
     problem = _load()
     if problem is None:

@@ -119,10 +119,7 @@ def test_models_train_the_same_with_either_backend(mkl, monkeypatch, name, hw):
     monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
     out_loss, out = grads()
     np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for path, a in jax.tree_util.tree_leaves_with_path(out):
-        b = ref
-        for key in path:
-            b = b[key.key]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree_util.tree_leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
