@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
+from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
+                                prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.models import parameter_table
@@ -96,19 +97,18 @@ def _json_curve(curve: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    if cfg.loss_window < 1:
-        raise ValueError(f"loss_window must be >= 1 batch, got {cfg.loss_window}")
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    policy = default_policy(MODEL)
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
     train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
 
-    model = jaxvgg.create_model(MODEL)
+    model = jaxvgg.create_model(MODEL, policy=policy)
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = jaxvgg.init_params(MODEL, key_init)
     print(format_parameter_table(params))
 
-    steps_per_epoch = data.num_batches(len(train), cfg.batch_size, drop_last=True)
+    steps_per_epoch = check_batch_size(cfg.batch_size, train)
     lr = optim.make_schedule(cfg.schedule, cfg.lr, steps_per_epoch=max(steps_per_epoch, 1), epochs=cfg.epochs)
     opt_kw = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
     tx = optim.create_optimizer(cfg.optimizer, lr, weight_decay=cfg.weight_decay, **opt_kw)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss, "cat_auc": cat_auc,
                "f1_micro": scores["f1"]["micro"], "f1_macro": scores["f1"]["macro"],
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "parameters": jaxvgg.count_params(params),
+               "parameters": jaxvgg.count_params(params), **policy_record(policy),
                "final_train_accuracy": history["epoch"]["train_accuracy"][-1] if history["epoch"]["epoch"] else None,
                **scores}
     write_summary(workdir, summary)

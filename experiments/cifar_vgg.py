@@ -20,9 +20,13 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
+from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
+                                prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
+from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
+
+MODEL = "vgg11"  # VGG-A
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,27 +82,28 @@ def transforms(image_size: int):
     return train, evaluate
 
 
-def build_state(cfg: Config, steps_per_epoch: int) -> TrainState:
+def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState:
     """The step-0 TrainState of a run with ``cfg``; also the template its checkpoints restore into."""
-    model = jaxvgg.create_model("vgg11", num_classes=10, dropout_rate=cfg.dropout)
+    model = jaxvgg.create_model(MODEL, num_classes=10, policy=policy, dropout_rate=cfg.dropout)
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    params = jaxvgg.init_params("vgg11", key_init, 10, (cfg.image_size, cfg.image_size, 3), dropout_rate=cfg.dropout)
+    params = jaxvgg.init_params(MODEL, key_init, 10, (cfg.image_size, cfg.image_size, 3), dropout_rate=cfg.dropout)
     lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
         cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
     tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    return TrainState.for_model("vgg11", model, params, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
+    return TrainState.for_model(MODEL, model, params, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    policy = default_policy(MODEL)
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
     train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
 
-    state = build_state(cfg, steps_per_epoch=data.num_batches(len(train), cfg.batch_size, drop_last=True))
+    state = build_state(cfg, check_batch_size(cfg.batch_size, train), policy)
     params = state.params
-    print(f"VGG-A: {jaxvgg.count_params(params):,} parameters")
+    print(f"VGG-A: {jaxvgg.count_params(params):,} parameters; {policy.describe()}")
 
     train_tf, eval_tf = transforms(cfg.image_size)
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_loss = evaluation.nll(log_probs, test.labels)
     summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
     summary = {"test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),
-               "wall_time_s": train_time, "parameters": jaxvgg.count_params(params), **summary}
+               "wall_time_s": train_time, "parameters": jaxvgg.count_params(params), **policy_record(policy), **summary}
     preds = probs.argmax(axis=1)
     figures = [
         plots.plot_history(history, workdir / "history.png", label="VGG-A on CIFAR-10"),

@@ -1,10 +1,17 @@
-"""What every experiment shares: a typed config read from the command line, and its workdir."""
+"""What every experiment shares: a typed, validated config read from the command line, its workdir,
+the execution policy's defaults, and the CLI's error handling.
+
+This is the CLI edge: the only place where environment variables choose defaults (``JAXVGG_IMPL``
+and ``JAXVGG_GEMM`` for the policy, ``JAXVGG_ALLOCATOR`` and ``JAXVGG_CPU_DEVICES`` for the process,
+``JAXVGG_DATA_DIR`` for the data); the library takes every such choice as an explicit value.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -15,8 +22,79 @@ import jax
 
 from jaxvgg import data, runtime
 from jaxvgg.checkpoint import write_json
+from jaxvgg.policy import Policy, make_policy
 
 C = TypeVar("C")
+IMPL_ENV = "JAXVGG_IMPL"  # default conv/pool forms: auto, native, cpu or fast
+GEMM_ENV = "JAXVGG_GEMM"  # default matrix-product backend: auto, xla or mkl
+
+
+class ConfigError(ValueError):
+    """A bad command-line value; `run_cli` prints ``error: --flag: why (got VALUE)`` and exits with 2."""
+
+    def __init__(self, field: str, why: str, value: Any, flag: str | None = None):
+        self.field, self.why = field, why
+        self.flag = flag or "--" + field.replace("_", "-")
+        super().__init__(f"{self.flag}: {why} (got {value})")
+
+
+# --- value checks: a function of the value returning why it is bad, or None ---------------------
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    """The value (when given) is >= ``low``."""
+    return lambda v: None if v is None or v >= low else f"must be >= {low}"
+
+
+def positive_finite(v: Any) -> str | None:
+    """The value (when given) is a finite number > 0."""
+    return None if v is None or (math.isfinite(v) and v > 0) else "must be a finite number > 0"
+
+
+def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable:
+    """The value (when given) lies in the interval, ``[`` or ``(`` at each end as asked."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(v):
+        if v is None:
+            return None
+        inside = math.isfinite(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+        return None if inside else f"must be in {text}"
+
+    return check
+
+
+# Checks of the options every experiment names alike; a field's own metadata["check"] replaces these.
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "epochs": at_least(1), "batch_size": at_least(1), "eval_batch_size": at_least(1), "limit": at_least(1),
+    "num_devices": at_least(1), "seed": at_least(0), "lr": positive_finite, "min_lr": positive_finite,
+    "max_lr": positive_finite, "range_min_lr": positive_finite, "range_max_lr": positive_finite,
+    "weight_decay": in_range(0, math.inf, high_open=True), "momentum": in_range(0, 1, high_open=True),
+    "label_smoothing": in_range(0, 1, high_open=True), "dropout": in_range(0, 1, high_open=True),
+    "val_fraction": in_range(0, 1, low_open=True, high_open=True), "patience": at_least(1),
+    "plateau_patience": at_least(0), "tta": at_least(0), "steps": at_least(1), "num_steps": at_least(2),
+    "range_steps": at_least(2), "rounds": at_least(1), "train_batch": at_least(1), "infer_batch": at_least(1),
+    "epoch_limit": at_least(1), "tsne_points": at_least(0), "loss_window": at_least(1),
+    "smoothing": in_range(0, 1, low_open=True), "diverge_factor": in_range(1, math.inf, low_open=True),
+}
+
+
+def validate(config: Any, given: dict[str, str] | None = None) -> None:
+    """Raises `ConfigError` for the first field whose check fails (a field's own, else `CHECKS`').
+
+    ``given``: the text typed for each option, which the error repeats (else the parsed value).
+    """
+    for f in dataclasses.fields(config):
+        check = f.metadata.get("check", CHECKS.get(f.name))
+        why = check(getattr(config, f.name)) if check is not None else None
+        if why:
+            raise ConfigError(f.name, why, (given or {}).get(f.name, getattr(config, f.name)))
+    if hasattr(config, "check"):  # checks across fields, e.g. min_lr < max_lr
+        try:
+            config.check()
+        except ConfigError as e:
+            if e.field not in (given or {}):
+                raise
+            raise ConfigError(e.field, e.why, given[e.field]) from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -36,13 +114,24 @@ def _optional(kind):
 
 
 def parse_config(config_cls: type[C], argv: list[str] | None = None, description: str = "") -> C:
-    """Builds an argparse CLI from a dataclass: one ``--field-name`` per field, its comment as help.
+    """Builds an argparse CLI from a dataclass (one ``--field-name`` per field) and returns the validated config.
 
-    Field help comes from ``dataclasses.field(metadata={"help": ...})``; defaults are shown.
+    Field help comes from ``dataclasses.field(metadata={"help": ...})``; defaults are shown. Every value
+    is checked (`validate`) before anything is loaded or compiled: a bad one raises `ConfigError`.
     """
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
+    given: dict[str, str] = {}
+
+    def remembering(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+        def read(text: str) -> Any:
+            given[name] = text
+            return parse(text)
+
+        read.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its own errors
+        return read
+
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
         args = typing.get_args(kind)
@@ -51,35 +140,70 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, description
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if base is bool and not optional:
-            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="BOOL", help=help_text)
+            parser.add_argument(flag, type=remembering(f.name, _parse_bool), default=f.default, metavar="BOOL",
+                                help=help_text)
         else:
             parse = _optional(base) if optional else base
-            parser.add_argument(flag, type=parse, default=f.default, help=help_text,
+            parser.add_argument(flag, type=remembering(f.name, parse), default=f.default, help=help_text,
                                 choices=f.metadata.get("choices"))
-    return config_cls(**vars(parser.parse_args(argv)))
+    config = config_cls(**vars(parser.parse_args(argv)))
+    validate(config, given)
+    return config
 
 
-def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool) -> Path:
-    """Creates ``workdir`` and saves the resolved config as config.json (refusing to mix runs).
+def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra: dict | None = None) -> Path:
+    """Creates ``workdir`` and saves the config (and ``extra``, e.g. the resolved policy) as config.json.
 
-    With ``resume``, every option but resume/epochs/quiet must match the saved config. An option the
-    saved config lacks (added to the experiment after that run began) matches when it has its default.
+    Refuses to mix runs, before any work: without ``resume``, a workdir that holds checkpoints or another
+    run's config is an error; with ``resume``, every option but resume/epochs/quiet must match the saved
+    config. An option the saved config lacks (added to the experiment after that run began) matches when
+    it has its default.
     """
     path = Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
     new = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     saved = path / "config.json"
-    if saved.exists() and resume:
+    if saved.exists():
         old = json.loads(saved.read_text())
         defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(config)
                                           if f.default is not dataclasses.MISSING}))
         old = {**defaults, **old}
         changed = {k for k in new if k not in ("resume", "epochs", "quiet") and old.get(k) != new[k]}
+        if changed and resume:
+            raise ConfigError("resume", f"{saved} holds another config: " + ", ".join(
+                f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)), "true")
         if changed:
-            raise ValueError(f"--resume with a different config than {saved}: "
-                             + ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)))
-    write_json(saved, new, sort_keys=True)
+            raise ConfigError("workdir", f"holds a run with another config ({', '.join(sorted(changed))} differ); "
+                                         "choose another --workdir", str(workdir))
+    checkpoints = path / "checkpoints" / "last"
+    if not resume and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise ConfigError("workdir", "holds the checkpoints of a run; pass --resume true to continue it or choose "
+                                     "another --workdir", str(workdir))
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(saved, {**new, **(extra or {})}, sort_keys=True)
     return path
+
+
+def default_policy(model: str | None) -> Policy:
+    """The policy a command runs ``model`` with: ``$JAXVGG_IMPL`` forms, ``$JAXVGG_GEMM`` backend (default auto)."""
+    forms, gemm_backend = os.environ.get(IMPL_ENV, "auto") or "auto", os.environ.get(GEMM_ENV, "auto") or "auto"
+    try:
+        return make_policy(model, forms=forms, gemm_backend=gemm_backend)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError("policy", str(e), f"{forms}, {gemm_backend}", flag=f"${IMPL_ENV}, ${GEMM_ENV}") from None
+
+
+def policy_record(policy: Policy) -> dict:
+    """The resolved policy as config.json and summary.json keep it."""
+    return {"policy": dataclasses.asdict(policy)}
+
+
+def check_batch_size(batch_size: int, train: Any) -> int:
+    """Training steps per epoch (drop_last); a batch larger than the training split is a `ConfigError`."""
+    steps = data.num_batches(len(train), batch_size, drop_last=True)
+    if steps == 0:
+        raise ConfigError("batch_size", f"larger than the {len(train)} training images (raise --limit or lower it)",
+                          batch_size)
+    return steps
 
 
 def write_summary(workdir: Path, summary: dict) -> Path:
@@ -88,15 +212,17 @@ def write_summary(workdir: Path, summary: dict) -> Path:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
-    """Runs an experiment's main; a missing data set or an occupied workdir is a message, not a traceback.
+    """Runs an experiment's main; a bad option, a missing data set or an occupied workdir is one line, not a traceback.
 
     First re-executes the process with tcmalloc preloaded where it is installed (`jaxvgg.runtime`;
     ``JAXVGG_ALLOCATOR=system`` opts out, ``JAXVGG_CPU_DEVICES=auto`` adds one XLA device per core).
+    `ConfigError` (a bad option or workdir, raised before any work), a missing file and an occupied
+    workdir end in one ``error: ...`` line and exit status 2.
     """
-    runtime.reexec_with_fast_runtime()
     try:
+        runtime.reexec_with_fast_runtime()
         main(argv)
-    except (FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -109,7 +235,10 @@ def load_splits(name: str, data_dir: str | None, limit: int | None, val_fraction
     train_all, test = splits["train"], splits["test"]
     if limit is not None:
         train_all, test = train_all.take(min(limit, len(train_all))), test.take(min(limit, len(test)))
-    train, val = data.train_val_split(train_all, val_fraction, seed=seed)
+    try:
+        train, val = data.train_val_split(train_all, val_fraction, seed=seed)
+    except ValueError as e:  # too few images for a split: the limit is what the user chose
+        raise ConfigError("limit", str(e), limit) from None
     print(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test images; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
     return train, val, test

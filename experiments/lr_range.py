@@ -21,7 +21,8 @@ from functools import partial
 import jax
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
+from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
+                                prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, lr_finder, optim
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import TrainState
@@ -62,6 +63,13 @@ class Config:
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split and data order"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bar"})
 
+    def check(self) -> None:
+        if self.min_lr >= self.max_lr:
+            raise ConfigError("max_lr", f"must exceed --min-lr {self.min_lr:g}", self.max_lr)
+        if self.model == "vgg11" and (self.dataset or _DEFAULT_DATASET[self.model]) == "mnist":
+            raise ConfigError("dataset", f"vgg11 needs images of at least {_VGG_MIN_SIDE}x{_VGG_MIN_SIDE}; "
+                                         "MNIST's are 28x28 (use cifar10)", self.dataset)
+
 
 def make_transform(dataset: str, augment_images: bool):
     """The (key, uint8) -> float32 training transform: normalisation, plus crop+flip on CIFAR-10 if asked."""
@@ -74,22 +82,24 @@ def make_transform(dataset: str, augment_images: bool):
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     dataset = cfg.dataset or _DEFAULT_DATASET[cfg.model]
-    workdir = prepare_workdir(cfg.workdir, cfg, resume=False)
+    policy = default_policy(cfg.model)
+    workdir = prepare_workdir(cfg.workdir, cfg, False, policy_record(policy))
     started = time.perf_counter()
 
     train_all = data.load_dataset(dataset, cfg.data_dir)["train"]
     if cfg.limit is not None:
         train_all = train_all.take(cfg.limit)
-    train, _ = data.train_val_split(train_all, cfg.val_fraction, seed=cfg.seed)
+    try:
+        train, _ = data.train_val_split(train_all, cfg.val_fraction, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError("limit", str(e), cfg.limit) from None
+    check_batch_size(cfg.batch_size, train)
     input_shape = train.images.shape[1:]
-    if cfg.model == "vgg11" and min(input_shape[:2]) < _VGG_MIN_SIDE:
-        raise ValueError(f"vgg11 needs images of at least {_VGG_MIN_SIDE}x{_VGG_MIN_SIDE}, {dataset} has "
-                         f"{input_shape[0]}x{input_shape[1]}; use --dataset cifar10")
     print(f"{dataset}: {len(train)} training images {input_shape}; {cfg.model}; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
 
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = jaxvgg.create_model(cfg.model, num_classes=train.num_classes)
+    model = jaxvgg.create_model(cfg.model, num_classes=train.num_classes, policy=policy)
     params = jaxvgg.init_params(cfg.model, key_init, train.num_classes, input_shape)
     momentum = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
     tx = optim.create_optimizer(cfg.optimizer, cfg.min_lr, weight_decay=cfg.weight_decay, **momentum)
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                "suggested_lr": result.suggested_lr, "suggestions": result.suggestions,
                "stopped_early": result.stopped_early, "steps_recorded": int(result.lrs.size),
                "num_steps": result.num_steps, "burn_in": result.burn_in,
-               "min_smoothed_loss": float(result.smoothed.min()), "wall_time_s": time.perf_counter() - started}
+               "min_smoothed_loss": float(result.smoothed.min()), "wall_time_s": time.perf_counter() - started,
+               **policy_record(policy)}
     write_summary(workdir, summary)
     stop = f"stopped early at lr {result.lrs[-1]:.3g}" if result.stopped_early else "ran every step"
     print(f"lr range test: {result.lrs.size}/{result.num_steps} steps, {stop}; suggestions "

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
+from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
+                                policy_record, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, lr_finder, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -80,6 +81,10 @@ class Config:
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split, data order"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoints"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
+
+    def check(self) -> None:
+        if self.range_min_lr >= self.range_max_lr:
+            raise ConfigError("range_max_lr", f"must exceed --range-min-lr {self.range_min_lr:g}", self.range_max_lr)
 
 
 def normalize(images):
@@ -157,12 +162,14 @@ def train_run(cfg: Config, model: Any, params: Any, lr: float, train: data.Datas
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    policy = default_policy(MODEL_NAMES[cfg.model])
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
+    check_batch_size(cfg.batch_size, train)
 
-    model = jaxvgg.create_model(MODEL_NAMES[cfg.model])
+    model = jaxvgg.create_model(MODEL_NAMES[cfg.model], policy=policy)
     params = jaxvgg.init_params(MODEL_NAMES[cfg.model], jax.random.PRNGKey(cfg.seed))
     lr, suggestions = choose_lr(cfg, model, params, train, workdir)
     print(f"training {MODEL_NAMES[cfg.model]} with {cfg.optimizer}, lr {lr:.4g}, batch {cfg.batch_size}, "
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": jaxvgg.count_params(state.params), "history_file": history_file.name,
         "final_val_accuracy": history["epoch"]["val_accuracy"][-1] if history["epoch"]["val_accuracy"] else None,
         "most_confused_pair": most_confused, "lr_range_suggestions": suggestions,
-        "tsne_points": tsne_count, "reject_option": reject_summary, **classification,
+        "tsne_points": tsne_count, "reject_option": reject_summary, **policy_record(policy), **classification,
     }
     if cfg.compare_half_lr:
         half_dir = workdir / "half_lr"

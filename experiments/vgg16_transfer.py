@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,12 +33,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxvgg
-from experiments.common import parse_config, prepare_workdir, run_cli, write_summary
-from jaxvgg import augment, data, evaluation, gemm, metrics, models, optim, parallel, plots
+from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
+                                prepare_workdir, run_cli, write_summary)
+from jaxvgg import augment, data, evaluation, metrics, optim, parallel, plots
+from jaxvgg.models import TRANSFER_PREFIX
 from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL = "vgg16_transfer"
-HEAD_PREFIX = "classifier_6"  # the new head; every other layer comes from the pretrained VGG16
+HEAD_MODEL = "transfer_head"  # the new head alone, trained on cached features
 FEATURE_LAYER = "classifier_4"  # ReLU after the 2nd Linear: the input of classifier.5 (dropout) and the head
 CROP = 224
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision IMAGENET1K_V1
@@ -67,10 +68,14 @@ class Config:
         "help": "test-time augmentation: also report metrics of probabilities averaged over N augmented views "
                 "(each view is a whole-VGG16 pass, with --cache-features too)"})
     load_size: int = dataclasses.field(default=256, metadata={
-        "help": "every image is resized to SIZE x SIZE when read (one array needs one size); >= 256"})
-    rotation: float = dataclasses.field(default=15.0, metadata={"help": "random rotation range in degrees (+/-)"})
+        "help": "every image is resized to SIZE x SIZE when read (one array needs one size); >= 256",
+        "check": lambda v: None if v >= 256 else "must be >= 256 (the transforms resize to 256 and crop 224)"})
+    rotation: float = dataclasses.field(default=15.0, metadata={
+        "help": "random rotation range in degrees (+/-)",
+        "check": lambda v: None if 0 <= v <= 180 else "must be in [0, 180]"})
     jitter: float = dataclasses.field(default=0.2, metadata={
-        "help": "colour jitter strength for brightness, contrast and saturation (0: off, the tutorial's ColorJitter())"})
+        "help": "colour jitter strength for brightness, contrast and saturation (0: off, the tutorial's ColorJitter())",
+        "check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N random images of each split (quick runs)"})
     eval_batch_size: int = dataclasses.field(default=32, metadata={
@@ -79,13 +84,16 @@ class Config:
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
 
+    def check(self) -> None:
+        if self.data_root is None and self.split_from is None:
+            raise ConfigError("data_root", "pass --data-root (a folder with train/ valid/ test/) or --split-from "
+                                           "(a flat <class>/ folder)", None)
+
 
 # --- data -------------------------------------------------------------------------------------------
 
 def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
     """train/valid/test Datasets, after splitting --split-from into the data root when asked."""
-    if cfg.data_root is None and cfg.split_from is None:
-        raise ValueError("pass --data-root (a folder with train/ valid/ test/) or --split-from (a flat <class>/ folder)")
     root = Path(cfg.data_root) if cfg.data_root is not None else workdir / "data"
     if cfg.split_from is not None:
         if cfg.resume and (root / "train").is_dir():
@@ -93,8 +101,6 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
         else:
             counts = data.split_image_folder(cfg.split_from, root, (0.5, 0.25, 0.25), seed=cfg.seed)
             print(f"split {cfg.split_from} into {root}: {counts}")
-    if cfg.load_size < 256:
-        raise ValueError(f"load_size must be >= 256 (the transforms resize to 256 and crop 224), got {cfg.load_size}")
     splits = {name: data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
     names = {name: split.class_names for name, split in splits.items()}
     if len(set(names.values())) != 1:
@@ -104,18 +110,6 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
         splits = {name: split.subset(np.sort(rng.permutation(len(split))[:cfg.limit]))
                   for name, split in splits.items()}
     return splits
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FeatureSet:
-    """Cached features with labels, shaped like a `data.Dataset` so fit/evaluate/predict take it."""
-
-    images: np.ndarray  # float32 (N, 4096): classifier.4 outputs (named images: fit reads .images)
-    labels: np.ndarray  # int32 (N,)
-    class_names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 # --- transforms -------------------------------------------------------------------------------------
@@ -162,25 +156,6 @@ def pretrained_state_dict(path: str | None, quiet: bool = False) -> dict[str, np
     return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
 
 
-def transplant_backbone(pretrained: dict, fresh: dict) -> dict:
-    """``fresh`` vgg16_transfer params with every layer except the head replaced by the pretrained VGG16's.
-
-    Checks that both hold the same non-head layers with the same shapes, naming what differs.
-    """
-    wanted = {layer for layer in fresh if not layer.startswith(HEAD_PREFIX)}
-    given = {layer for layer in pretrained if not layer.startswith(HEAD_PREFIX)}
-    problems = [f"missing layer {layer!r}" for layer in sorted(wanted - given)]
-    problems += [f"unexpected layer {layer!r}" for layer in sorted(given - wanted)]
-    for layer in sorted(wanted & given):
-        for leaf, value in fresh[layer].items():
-            found = np.shape(pretrained[layer].get(leaf))
-            if found != np.shape(value):
-                problems.append(f"{layer}/{leaf}: expected shape {np.shape(value)}, found {found}")
-    if problems:
-        raise ValueError("pretrained VGG16 does not fit vgg16_transfer:\n  " + "\n  ".join(problems))
-    return {**fresh, **{layer: pretrained[layer] for layer in wanted}}
-
-
 def count_trainable(params: Any) -> int:
     """Scalars in the layers vgg16_transfer trains (the head)."""
     mask = jaxvgg.trainable_mask(MODEL, params)
@@ -188,81 +163,19 @@ def count_trainable(params: Any) -> int:
                                                     jax.tree_util.tree_leaves(mask)) if trains))
 
 
-# --- the head on cached features --------------------------------------------------------------------
-
-class TransferHead(nn.Module):
-    """vgg16_transfer above classifier.4: Dropout(0.5) -> Linear(4096, 256) -> ReLU -> Dropout(0.4) -> Linear(256, n)
-    -> log_softmax. Its params are exactly classifier_6_0 / classifier_6_3, so they drop back into the full model.
-
-    The first dropout is the frozen model's classifier.5: the tutorial trains in train mode, where it is active.
-    """
-
-    num_classes: int
-    width: int = 256
-    dropout_rate: float = 0.4
-    features_dropout_rate: float = 0.5
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Dropout(self.features_dropout_rate, deterministic=not train, name="classifier_5")(x)
-        dense = partial(nn.Dense, dot_general=gemm.dot_general)  # MKL's products where built (jaxvgg.gemm)
-        x = nn.relu(dense(self.width, name=f"{HEAD_PREFIX}_0")(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"{HEAD_PREFIX}_2")(x)
-        return nn.log_softmax(dense(self.num_classes, name=f"{HEAD_PREFIX}_3")(x), axis=-1)
-
-
-def _features_as_they_are(features: jax.Array) -> jax.Array:
-    """Evaluation transform of cached features: none."""
-    return features
-
-
-def _features_as_they_are_train(key: jax.Array, features: jax.Array) -> jax.Array:
-    """Training transform of cached features: none (they are of the evaluation view)."""
-    del key
-    return features
-
-
-def _batched(images: np.ndarray, batch_size: int):
-    """(padded batch, number of real images) over ``images`` in order; every batch has ``batch_size`` rows."""
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = parallel.pad_batch({"image": chunk, "label": np.zeros(len(chunk), np.int32)}, batch_size)
-        yield padded["image"], len(chunk)
-
-
-def extract_features(model: nn.Module, params: Any, datasets: list[data.Dataset], eval_tf: Callable,
-                     batch_size: int, quiet: bool, layer: str = FEATURE_LAYER,
-                     model_name: str | None = None) -> list[FeatureSet]:
-    """``layer``'s outputs (eval mode; default classifier.4) of every image of each data set, through the frozen VGG.
-
-    Outputs of a conv-stack layer are flattened in torch's (C, H, W) order. The data sets go through as
-    one stream, so only its last batch is padded and one program is compiled, with the XLA options of
-    ``model_name``'s inference (`jaxvgg.models.resolve_compiler_options`).
-    """
-    images = np.concatenate([dataset.images for dataset in datasets])
-    batch_size = min(batch_size, len(images))
-
-    def features(p, x):
-        out = models.layer_outputs(model, {"params": p}, eval_tf(x))[1][layer]
-        return models.torch_flatten(out) if out.ndim == 4 else out
-
-    fn = jax.jit(features, compiler_options=models.resolve_compiler_options(model_name, "infer"))
-    chunks = [np.asarray(fn(params, batch))[:n]
-              for batch, n in tqdm(_batched(images, batch_size), total=-(-len(images) // batch_size),
-                                   desc="features", unit="batch", disable=quiet, leave=False)]
-    features = np.split(np.concatenate(chunks), np.cumsum([len(d) for d in datasets])[:-1])
-    return [FeatureSet(f, d.labels, d.class_names) for f, d in zip(features, datasets)]
-
+# --- test-time augmentation -----------------------------------------------------------------------
 
 def tta_probabilities(model: nn.Module, params: Any, dataset: data.Dataset, train_tf: Callable, views: int,
                       seed: int, batch_size: int, quiet: bool) -> np.ndarray:
     """Class probabilities averaged over ``views`` training-transform views of every image (float64)."""
-    fn = jax.jit(lambda p, key, images: model.apply({"params": p}, train_tf(key, images)))
+    fn = parallel.compile_step(lambda p, key, images: model.apply({"params": p}, train_tf(key, images)),
+                               model.policy, "infer")
     total = np.zeros((len(dataset), dataset.num_classes))
     for view in tqdm(range(views), desc="TTA", unit="view", disable=quiet, leave=False):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), view)
-        parts = [np.asarray(fn(params, jax.random.fold_in(key, i), images), np.float64)[:n]
-                 for i, (images, n) in enumerate(_batched(dataset.images, batch_size))]
+        parts = [np.asarray(fn(params, jax.random.fold_in(key, i), batch["image"]),
+                            np.float64)[:int(batch["mask"].sum())]
+                 for i, batch in enumerate(data.padded_batches(dataset.images, batch_size))]
         probs = np.exp(np.concatenate(parts))
         total += probs / probs.sum(axis=1, keepdims=True)
     return total / views
@@ -277,23 +190,23 @@ def tta_nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    if cfg.tta < 0:
-        raise ValueError(f"tta must be >= 0 views, got {cfg.tta}")
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    policy, head_policy = default_policy(MODEL), default_policy(HEAD_MODEL)
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
     state_dict = pretrained_state_dict(cfg.weights, cfg.quiet)  # first: a missing file fails before any work
     splits = load_splits(cfg, workdir)
     train, val, test = splits["train"], splits["valid"], splits["test"]
+    check_batch_size(cfg.batch_size, train)
     class_names, num_classes = train.class_names, train.num_classes
     print(f"{num_classes} classes: {len(train)} train, {len(val)} validation, {len(test)} test images; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
 
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = jaxvgg.create_model(MODEL, num_classes)
+    model = jaxvgg.create_model(MODEL, num_classes, policy=policy)
     fresh = jaxvgg.init_params(MODEL, key_init, num_classes)["params"]
     pretrained = jaxvgg.from_torch("vgg16_torchvision", state_dict)["params"]
-    params = transplant_backbone(pretrained, fresh)
+    params = jaxvgg.transplant(pretrained, fresh, keep=(TRANSFER_PREFIX,))  # every layer but the new head
     del state_dict, pretrained, fresh
     total, trainable = jaxvgg.count_params(params), count_trainable(params)
     print(f"VGG16 transfer, {num_classes} classes: {total:,} parameters, {trainable:,} trainable "
@@ -305,19 +218,18 @@ def main(argv: list[str] | None = None) -> dict:
                         quiet=cfg.quiet)
     if cfg.cache_features:
         t0 = time.perf_counter()
-        train_x, val_x, test_x = extract_features(model, params, [train, val, test], eval_tf, cfg.eval_batch_size,
-                                                  cfg.quiet, model_name=MODEL)
+        train_x, val_x, test_x = evaluation.extract_features(model, {"params": params}, [train, val, test],
+                                                             FEATURE_LAYER, transform=eval_tf,
+                                                             batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
         print(f"cached {FEATURE_LAYER} features of {len(train) + len(val) + len(test)} images "
               f"in {time.perf_counter() - t0:.0f} s")
-        width, rate = models.vgg16_transfer.keywords["transfer_head"]
-        head = TransferHead(num_classes, width, rate)
-        head_params = {k: v for k, v in params.items() if k.startswith(HEAD_PREFIX)}  # the model's fresh init
-        state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr), rng=key_train,
-                                  log_probs=True, model=models.TRANSFER_HEAD)
+        head = jaxvgg.create_model(HEAD_MODEL, num_classes, policy=head_policy)
+        head_params = {k: v for k, v in params.items() if k.startswith(TRANSFER_PREFIX)}  # the model's fresh init
+        state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr), rng=key_train)
         state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
-                             train_transform=_features_as_they_are_train, eval_transform=_features_as_they_are)
+                             train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
         params = {**params, **state.params}  # the trained head back into the full model
-        log_probs = evaluation.predict_log_probs(state, test_x, _features_as_they_are)
+        log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     else:
         tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, params))
         state = TrainState.for_model(MODEL, model, params, tx, rng=key_train)  # log_softmax outputs: NLL loss
@@ -334,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, k), "top_k": k,
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "parameters": total, "trainable_parameters": trainable, "cached_features": cfg.cache_features}
+               "parameters": total, "trainable_parameters": trainable, "cached_features": cfg.cache_features,
+               **policy_record(policy)}
     if cfg.tta:
         tta_probs = tta_probabilities(model, params, test, train_tf, cfg.tta, cfg.seed, cfg.eval_batch_size, cfg.quiet)
         summary.update(tta_views=cfg.tta, tta_accuracy=metrics.accuracy(test.labels, tta_probs.argmax(axis=1)),

@@ -5,12 +5,12 @@
 The backbone is the best checkpoint (highest validation accuracy) of an `experiments.cifar_vgg` run at
 32x32. Its convolutional features and first two Linear layers are frozen; the output of
 classifier.4 (the ReLU after the second Linear, 4096-d; ``--layer`` picks another) of every image is
-computed once, in evaluation mode, and the transfer tutorial's new head -- Dropout(0.5) ->
-Linear(4096, 256) -> ReLU -> Dropout(0.4) -> Linear(256, 10) -> LogSoftmax -- trains on those cached
-features with Adam and early stopping on the validation loss, exactly as
-`experiments.vgg16_transfer --cache-features` trains its head. MNIST digits are resized to 32x32 and
-repeated over three channels, then normalised with CIFAR-10's statistics, as the backbone saw its
-training images.
+computed once, in evaluation mode, and the transfer tutorial's new head (the registry model
+``transfer_head``: Dropout(0.5) -> Linear(4096, 256) -> ReLU -> Dropout(0.4) -> Linear(256, 10) ->
+LogSoftmax, torch's default init) trains on those cached features with Adam and early stopping on the
+validation loss, exactly as `experiments.vgg16_transfer --cache-features` trains its head. MNIST
+digits are resized to 32x32 and repeated over three channels, then normalised with CIFAR-10's
+statistics, as the backbone saw its training images.
 
 Which layer transfers: classifier.4 is the tutorial's choice, but in a network trained on CIFAR-10's ten
 classes it has become a CIFAR-10 class detector; the conv stack's outputs (``--layer features_20``, the
@@ -36,17 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvgg
-from experiments import cifar_vgg
-from experiments.common import load_splits, parse_config, prepare_workdir, run_cli, write_summary
-from experiments.vgg16_transfer import (FEATURE_LAYER, HEAD_PREFIX, TransferHead, _features_as_they_are,
-                                        _features_as_they_are_train, extract_features)
-from jaxvgg import augment, evaluation, metrics, models, optim, plots
+from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
+                                policy_record, prepare_workdir, run_cli, write_summary)
+from jaxvgg import augment, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import Checkpoints
+from jaxvgg.models import TRANSFER_PREFIX
+from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
-
 
 # VGG-A's layers a head can sit on (flax names: features_15 = torch's features.15)
 BACKBONE_MODEL = "vgg11"  # VGG-A, as experiments.cifar_vgg trains it
+HEAD_MODEL = "transfer_head"
+FEATURE_LAYER = "classifier_4"  # the transfer tutorial's: the ReLU after the 2nd Linear
 LAYERS = ("classifier_4", "classifier_1", "features_20", "features_15")
 
 
@@ -76,12 +77,15 @@ class Config:
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
 
 
-def load_backbone(run_dir: str | Path) -> tuple[Any, Any, dict]:
+def load_backbone(run_dir: str | Path, policy: Policy) -> tuple[Any, Any, dict]:
     """(VGG-A model, params, info) from the best checkpoint of a cifar_vgg run in ``run_dir``.
+
+    Reads the run's config.json (image size, dropout) and only the parameters of its checkpoint, which
+    `jaxvgg.convert.transplant` checks against a fresh VGG-A's layers and shapes.
 
     Raises:
       FileNotFoundError: no config.json or no checkpoint there, naming the folder.
-      ValueError: a run at another image size than 32.
+      ConfigError: a run at another image size than 32, or one whose weights are not VGG-A's.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -89,21 +93,24 @@ def load_backbone(run_dir: str | Path) -> tuple[Any, Any, dict]:
         raise FileNotFoundError(f"{config_path} not found: --backbone must be the workdir of an "
                                 "experiments.cifar_vgg run")
     saved = json.loads(config_path.read_text())
-    known = {f.name for f in dataclasses.fields(cifar_vgg.Config)}
-    run_cfg = cifar_vgg.Config(**{k: v for k, v in saved.items() if k in known})
-    if run_cfg.image_size != 32:
-        raise ValueError(f"{config_path}: image_size {run_cfg.image_size}; the MNIST transfer needs a 32x32 backbone")
-    # any valid length: the lr schedule is a function of the step, not part of the checkpointed pytree
-    template = cifar_vgg.build_state(run_cfg, steps_per_epoch=1000)
+    if saved.get("image_size", 32) != 32:
+        raise ConfigError("backbone", f"{config_path} is a run at image_size {saved['image_size']}; the MNIST "
+                                      "transfer needs a 32x32 backbone", str(run_dir))
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=1, best_metric="val_accuracy")
     best = checkpoints.best_epoch() is not None
-    state, meta = checkpoints.restore(template, best=best)  # FileNotFoundError when there is none
+    params, meta = checkpoints.restore_params(best=best)  # FileNotFoundError when there is none
     checkpoints.close()
+    fresh = jaxvgg.init_params(BACKBONE_MODEL, jax.random.PRNGKey(0), 10, (32, 32, 3))
+    try:
+        params = jaxvgg.transplant(params, fresh)
+    except ValueError as e:
+        raise ConfigError("backbone", f"its checkpoint is not a 10-class VGG-A: {e}", str(run_dir)) from None
     val_acc = meta["history"]["epoch"]["val_accuracy"][meta["epoch"] - 1]
     info = {"backbone": str(run_dir), "backbone_epoch": meta["epoch"], "backbone_checkpoint": "best" if best else "last",
             "backbone_val_accuracy": val_acc}
-    model = jaxvgg.create_model(BACKBONE_MODEL, num_classes=10, dropout_rate=run_cfg.dropout)
-    return model, state.params, info
+    model = jaxvgg.create_model(BACKBONE_MODEL, num_classes=10, policy=policy,
+                                dropout_rate=saved.get("dropout", 0.5))
+    return model, params, info
 
 
 def mnist_as_cifar(images: jax.Array) -> jax.Array:
@@ -114,34 +121,37 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    model, params, info = load_backbone(cfg.backbone)  # first: a missing run fails before any work
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume)
+    head_policy = default_policy(HEAD_MODEL)
+    model, params, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL))  # a missing run fails first
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(head_policy))
     started = time.perf_counter()
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
+    check_batch_size(cfg.batch_size, train)
     print(f"backbone: VGG-A epoch {info['backbone_epoch']} ({info['backbone_checkpoint']}) of {cfg.backbone}, "
           f"CIFAR-10 val accuracy {info['backbone_val_accuracy']:.4f}")
 
     t0 = time.perf_counter()
-    train_x, val_x, test_x = extract_features(model, params, [train, val, test], mnist_as_cifar, cfg.eval_batch_size,
-                                              cfg.quiet, layer=cfg.layer, model_name=BACKBONE_MODEL)
+    train_x, val_x, test_x = evaluation.extract_features(model, {"params": params}, [train, val, test], cfg.layer,
+                                                         transform=mnist_as_cifar, batch_size=cfg.eval_batch_size,
+                                                         quiet=cfg.quiet)
     width = int(train_x.images.shape[1])
     print(f"cached {cfg.layer} features ({width}-d) of {len(train) + len(val) + len(test)} images "
           f"in {time.perf_counter() - t0:.0f} s")
 
-    head = TransferHead(train.num_classes)
-    head_params = jax.jit(head.init)(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, width)))["params"]
+    head = jaxvgg.create_model(HEAD_MODEL, train.num_classes, policy=head_policy)
+    head_params = jaxvgg.init_params(HEAD_MODEL, jax.random.PRNGKey(cfg.seed), train.num_classes, (width,))
     trainable = jaxvgg.count_params(head_params)
     print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
-    state = TrainState.create(apply_fn=head.apply, params=head_params, tx=optim.adam(cfg.lr),
-                              rng=jax.random.PRNGKey(cfg.seed + 1), log_probs=True, model=models.TRANSFER_HEAD)
+    state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr),
+                                 rng=jax.random.PRNGKey(cfg.seed + 1))
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
                         resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
                         eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
-    state, history = fit(state, train_x, val_x, fit_cfg, train_transform=_features_as_they_are_train,
-                         eval_transform=_features_as_they_are)
+    state, history = fit(state, train_x, val_x, fit_cfg, train_transform=augment.unchanged_train,
+                         eval_transform=augment.unchanged)
     train_time = time.perf_counter() - started
 
-    log_probs = evaluation.predict_log_probs(state, test_x, _features_as_they_are)
+    log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, test.class_names)
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, 5),
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
                "trainable_parameters": trainable, "layer": cfg.layer, "feature_width": width,
-               **info, **scores}
+               **info, **policy_record(head_policy), **scores}
     figures = [
         plots.plot_history(history, workdir / "history.png",
                            label=f"VGG-A (CIFAR-10) {cfg.layer} features, new head on MNIST"),
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     write_summary(workdir, summary)
     plots.write_report(workdir, "Transfer: VGG-A (CIFAR-10) features -> MNIST", summary, figures,
-                       extra_md=f"Head parameters: {HEAD_PREFIX}_0, {HEAD_PREFIX}_3, on {cfg.layer} "
+                       extra_md=f"Head parameters: {TRANSFER_PREFIX}_0, {TRANSFER_PREFIX}_3, on {cfg.layer} "
                                 f"({width}-d); features cached in evaluation mode.")
     print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
           f"test loss {test_loss:.4f}; outputs in {workdir}")

@@ -697,3 +697,14 @@ def eval_transform(images: jax.Array, mean: Sequence[float], std: Sequence[float
         float32 (B, H, W, C).
     """
     return normalize(images, mean, std)
+
+
+def unchanged(images: jax.Array) -> jax.Array:
+    """The evaluation transform of inputs that need none (cached features)."""
+    return images
+
+
+def unchanged_train(key: jax.Array, images: jax.Array) -> jax.Array:
+    """The training transform of inputs that need none (cached features: no augmentation)."""
+    del key
+    return images

@@ -88,18 +88,32 @@ class Checkpoints:
         """The epoch in ``best``, or None."""
         return self._best.best_step() if self._best is not None else None
 
-    def restore(self, target: Any, epoch: int | None = None, best: bool = False) -> tuple[Any, dict]:
-        """Restores (state shaped like ``target``, meta) of ``epoch`` (default: the newest / the best)."""
+    def _restore(self, abstract: Any, epoch: int | None, best: bool) -> tuple[Any, dict, int, Path]:
         manager = self._best if best else self._last
         if manager is None:
             raise ValueError("this Checkpoints keeps no best checkpoint (best_metric=None)")
         epoch = (manager.best_step() if best else manager.latest_step()) if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                   meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        return restored["state"], restored["meta"], epoch, manager.directory
+
+    def restore(self, target: Any, epoch: int | None = None, best: bool = False) -> tuple[Any, dict]:
+        """Restores (state shaped like ``target``, meta) of ``epoch`` (default: the newest / the best)."""
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        state, meta, _, _ = self._restore(abstract, epoch, best)
+        return state, meta
+
+    def restore_params(self, epoch: int | None = None, best: bool = False) -> tuple[Any, dict]:
+        """(the ``params`` of a saved `TrainState` as numpy arrays, meta), without a template of the state.
+
+        For reading a finished run's weights (a transfer backbone, say) without rebuilding its optimizer.
+        """
+        state, meta, epoch, directory = self._restore(None, epoch, best)
+        if not isinstance(state, dict) or "params" not in state:
+            raise ValueError(f"checkpoint {epoch} in {directory} holds no TrainState params")
+        return jax.tree_util.tree_map(np.asarray, state["params"]), meta
 
     def restore_meta(self, epoch: int, best: bool = False) -> dict:
         """Only the JSON part of a checkpoint."""

@@ -5,7 +5,7 @@ so ``features.3.weight`` <-> ``params/features_3/kernel``. Layouts:
   conv weight   torch (O, I, kH, kW)  <-> flax (kH, kW, I, O)
   linear weight torch (out, in)       <-> flax (in, out)
   bias          (out,)                 <-> (out,)
-The models flatten in torch's (C, H, W) order before their first Linear layer (`models.torch_flatten`),
+The models flatten in torch's (C, H, W) order before their first Linear layer (`layers.torch_flatten`),
 so that layer's weight needs only the transpose above — no row permutation — at any input size
 (2x2x256 in the CIFAR CNN, 7x7x512 in VGG at 224).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -152,3 +152,31 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
         return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
     raise ValueError(f"{path}: unknown state_dict format {suffix!r}; expected .pth, .pt or .npz")
+
+
+def transplant(source: Mapping[str, Any], target: Mapping[str, Any], keep: Sequence[str] = ()) -> dict:
+    """``target``'s parameters with every layer whose name does not start with a ``keep`` prefix taken from ``source``.
+
+    The transfer-learning step: ``transplant(pretrained_vgg16, fresh_transfer_model, keep=("classifier_6",))``
+    gives the transfer model the pretrained backbone and its own new head. Both are flax parameter trees
+    (``{"params": ...}`` or the inner dict); the layers taken must exist in both with the same leaves and
+    shapes, and layers of ``source`` that ``target`` lacks (outside ``keep``) are an error: every problem
+    is named at once.
+    """
+    source, target = source.get("params", source), target.get("params", target)
+    keep = tuple(keep)
+    wanted = {layer for layer in target if not layer.startswith(keep)} if keep else set(target)
+    given = {layer for layer in source if not layer.startswith(keep)} if keep else set(source)
+    problems = [f"missing layer {layer!r}" for layer in sorted(wanted - given)]
+    problems += [f"unexpected layer {layer!r}" for layer in sorted(given - wanted)]
+    for layer in sorted(wanted & given):
+        target_leaves = dict(traverse_util.flatten_dict(target[layer], sep="/"))
+        source_leaves = dict(traverse_util.flatten_dict(source[layer], sep="/"))
+        for leaf in sorted(set(target_leaves) | set(source_leaves)):
+            want, found = target_leaves.get(leaf), source_leaves.get(leaf)
+            if want is None or found is None or np.shape(want) != np.shape(found):
+                problems.append(f"{layer}/{leaf}: expected shape {None if want is None else np.shape(want)}, "
+                                f"found {None if found is None else np.shape(found)}")
+    if problems:
+        raise ValueError(f"cannot transplant {len(problems)} layer(s):\n  " + "\n  ".join(problems))
+    return {**target, **{layer: source[layer] for layer in wanted}}

@@ -569,6 +569,76 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.1, seed: int = 0) 
     return dataset.subset(np.sort(order[num_val:])), dataset.subset(np.sort(order[:num_val]))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Features:
+    """Feature vectors with labels, shaped like a `Dataset` so `fit`, `evaluate` and `predict` take them.
+
+    Attributes:
+        images: float32 (N, D) features (named ``images`` because the training loop reads that field).
+        labels: int32 (N,).
+        class_names: one name per label index.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
+        return len(self.class_names)
+
+
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """Pad the leading axis to a multiple of ``multiple`` by repeating the last example, with ``mask`` 0 on copies.
+
+    The result always has a ``"mask"`` (ones for real examples unless the batch had one), so full and
+    padded batches share one pytree structure and one compiled step. Arrays come back as NumPy.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}")
+    size = np.shape(batch["label"])[0]
+    if size == 0:
+        raise ValueError("cannot pad an empty batch: there is no last example to repeat")
+    batch = {key: np.asarray(x) for key, x in batch.items()}
+    if "mask" not in batch:
+        batch["mask"] = np.ones((size,), np.float32)
+    pad = -size % multiple
+    if pad == 0:
+        return batch
+
+    def pad_one(key: str, x: np.ndarray) -> np.ndarray:
+        fill = np.zeros((pad, *x.shape[1:]), x.dtype) if key == "mask" else np.repeat(x[-1:], pad, axis=0)
+        return np.concatenate([x, fill], axis=0)
+
+    return {key: pad_one(key, x) for key, x in batch.items()}
+
+
+def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """In-order batches of a `Dataset`, `Features` or bare image array, each padded to ``batch_size``.
+
+    Every batch has ``"image"``, ``"label"`` (zeros for a bare array) and ``"mask"`` (0 on the copies
+    that pad the last one), so one compiled program serves all of them; ``int(mask.sum())`` is the
+    number of real examples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = getattr(examples, "images", examples)
+    labels = getattr(examples, "labels", None)
+    if labels is None:
+        labels = np.zeros(len(images), np.int32)
+
+    def generate():
+        for start in range(0, len(images), batch_size):
+            batch = {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}
+            yield pad_batch(batch, batch_size)
+
+    return generate()
+
+
 def num_batches(num_examples: int, batch_size: int, drop_last: bool = False) -> int:
     """Batches in one epoch: ``ceil(N / B)``, or ``floor(N / B)`` with drop_last.
 

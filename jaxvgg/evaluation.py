@@ -1,4 +1,4 @@
-"""Model-side evaluation glue: test-set probabilities and the features a t-SNE plot needs.
+"""Model-side evaluation glue: test-set probabilities, and the outputs of any layer (t-SNE, transfer learning).
 
 `jaxvgg.metrics` works on numpy arrays only; this module runs the network to produce them:
 
@@ -6,32 +6,34 @@
     probs = predict_probs(state, test, eval_tf)                    # float64 (N, C), rows sum to 1
     feats = penultimate_features("mnist_lenet", model, {"params": state.params}, test.images[:2000],
                                  transform=eval_tf)                # (2000, 84): the input of fc3
+    train_x, test_x = extract_features(model, variables, [train, test], "classifier_4", transform=eval_tf)
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxvgg import models
+from jaxvgg import data, models, parallel
+from jaxvgg.layers import torch_flatten
+from jaxvgg.policy import NATIVE
 from jaxvgg.train import EvalTransform, TrainState, predict
 
 # The input of each registry model's last Linear layer: (captured layer whose output it is, or None for
 # the network's input, and the function between that output and the last Linear).
-_PENULTIMATE: dict[str, tuple[str | None, Callable[[jax.Array], jax.Array]]] = {
-    "mnist_linear": (None, models.torch_flatten),  # the only layer reads the flattened image
+_PENULTIMATE: dict[str, tuple[str | None, Callable | None]] = {
+    "mnist_linear": (None, torch_flatten),  # the only layer reads the flattened image
     "mnist_lenet": ("fc2", nn.relu),  # fc3(relu(fc2(x)))
     "cifar_cnn": ("fc2", nn.relu),
     # VGG: classifier_6 reads the output of the Dropout classifier_5 (the identity in eval mode)
-    "vgg11": ("classifier_5", lambda x: x),
-    "vgg11_torchvision": ("classifier_5", lambda x: x),
-    "vgg16_torchvision": ("classifier_5", lambda x: x),
-    "vgg16_transfer": ("classifier_6_2", lambda x: x),  # the new head's last Linear is classifier_6_3
+    "vgg11": ("classifier_5", None),
+    "vgg11_torchvision": ("classifier_5", None),
+    "vgg16_torchvision": ("classifier_5", None),
+    "vgg16_transfer": ("classifier_6_2", None),  # the new head's last Linear is classifier_6_3
+    "transfer_head": ("classifier_6_2", None),
 }
 
 
@@ -74,6 +76,63 @@ def nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(log_probs[np.arange(labels.shape[0]), labels]))
 
 
+def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str | None, *,
+                   transform: Callable | None = None, after: Callable | None = None, batch_size: int = 500,
+                   quiet: bool = True, desc: str = "features") -> np.ndarray:
+    """Evaluation-mode outputs of one layer of ``model`` for every example, in order.
+
+    Args:
+      model: a flax module whose layers `models.layer_outputs` names (every registry model).
+      variables: ``{"params": ...}``.
+      examples: (N, H, W, C) images, a `data.Dataset` or `data.Features`.
+      layer: torch-style layer name (``classifier_4``, ``features_15``); None: the (transformed) input.
+      transform: jittable ``images -> float32`` applied per batch (e.g. normalisation), or None.
+      after: jittable function applied to the layer's output (e.g. the ReLU between it and the next layer).
+      batch_size: examples per forward pass; the last batch is padded so one compiled program serves all.
+      quiet: no progress bar.
+      desc: the progress bar's label.
+
+    Returns:
+      float32 (N, D); a 4-d (B, H, W, C) output is flattened in torch's (C, H, W) order.
+    """
+    images = np.asarray(getattr(examples, "images", examples))
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"examples must be a non-empty batch of images or features, got shape {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    transform = transform or (lambda x: x)
+    after = after or (lambda x: x)
+
+    def features(variables, batch):
+        x = transform(batch["image"])
+        out = x if layer is None else models.layer_outputs(model, variables, x)[1][layer]
+        out = after(out)
+        return torch_flatten(out) if out.ndim == 4 else out
+
+    fn = parallel.compile_step(features, getattr(model, "policy", NATIVE), "infer")
+    batch_size = min(batch_size, images.shape[0])
+    batches = data.padded_batches(images, batch_size)
+    chunks = [np.asarray(fn(variables, batch))[: int(batch["mask"].sum())]
+              for batch in tqdm(batches, total=data.num_batches(len(images), batch_size), desc=desc, unit="batch",
+                                disable=quiet, leave=False, dynamic_ncols=True)]
+    return np.concatenate(chunks)
+
+
+def extract_features(model: nn.Module, variables: Any, datasets: Sequence[Any], layer: str, *,
+                     transform: Callable | None = None, batch_size: int = 500,
+                     quiet: bool = True) -> list[data.Features]:
+    """`layer_features` of several data sets as one stream (one padded batch, one program), as `data.Features`.
+
+    The transfer experiments train a new head on these: a frozen network's evaluation-mode features,
+    computed once.
+    """
+    images = np.concatenate([np.asarray(dataset.images) for dataset in datasets])
+    features = layer_features(model, variables, images, layer, transform=transform, batch_size=batch_size,
+                              quiet=quiet)
+    parts = np.split(features, np.cumsum([len(dataset) for dataset in datasets])[:-1])
+    return [data.Features(part, dataset.labels, dataset.class_names) for part, dataset in zip(parts, datasets)]
+
+
 def penultimate_features(model_name: str, model: nn.Module, variables: Any, images: Any, *,
                          transform: EvalTransform | None = None, batch_size: int = 500) -> np.ndarray:
     """The vector each image feeds into the model's last Linear layer (eval mode).
@@ -91,27 +150,5 @@ def penultimate_features(model_name: str, model: nn.Module, variables: Any, imag
     """
     if model_name not in _PENULTIMATE:
         raise ValueError(f"no known last layer for model {model_name!r}; known: {', '.join(sorted(_PENULTIMATE))}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layer, after = _PENULTIMATE[model_name]
-    transform = transform or (lambda x: x)
-
-    @partial(jax.jit, compiler_options=models.resolve_compiler_options(model_name, "infer"))
-    def features(variables, batch):
-        x = transform(batch)
-        if layer is None:
-            return after(x)
-        _, acts = models.layer_outputs(model, variables, x)
-        return after(acts[layer])
-
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, H, W, C) batch, got shape {images.shape}")
-    batch_size = min(batch_size, images.shape[0])
-    chunks = []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - chunk.shape[0]  # repeat the last image so the shape stays compiled
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        chunks.append(np.asarray(features(variables, jnp.asarray(padded)))[: chunk.shape[0]])
-    return np.concatenate(chunks)
+    return layer_features(model, variables, images, layer, transform=transform, after=after, batch_size=batch_size)

@@ -2,21 +2,17 @@
 
 On the CPU, PyTorch multiplies matrices with MKL, and on the shapes these networks use (im2col
 patches times kernels, Dense layers, their gradients) MKL ran 1.05-1.55x faster than XLA:CPU's own
-dot kernels here. `matmul` and `dot_general` (for ``flax.linen.Dense(dot_general=...)``) send 2-d float32
-products to ``cblas_sgemm`` when the handler is built (``scripts/build_gemm.sh``, run by
-``scripts/setup.sh``), and to XLA's dot otherwise. The call is a pure function of its operands, so it
-composes with jit and grad like any primitive: its gradient is two more products (`_mkl_matmul`'s VJP).
-
-``JAXVGG_GEMM=auto|xla|mkl`` picks the backend ("auto": MKL where built, on a single CPU device, and
-not under ``JAXVGG_IMPL=native``, which stands for plain JAX). Several devices keep XLA's dots: the
-custom call has no partitioning rule, so a sharded batch would be gathered onto each device.
+dot kernels here. `matmul` and `dot_general` send 2-d float32 products to ``cblas_sgemm`` when asked
+for backend "mkl" (a `jaxvgg.policy.Policy` field) and the handler is built (``scripts/build_gemm.sh``,
+run by ``scripts/setup.sh``), and to XLA's dot otherwise. The call is a pure function of its operands,
+so it composes with jit and grad like any primitive: its gradient is two more products (`_mkl_matmul`'s
+VJP). This module imports nothing from the rest of jaxvgg and reads no environment variable.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -24,49 +20,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-GEMM_ENV = "JAXVGG_GEMM"
-GEMM_BACKENDS = ("auto", "xla", "mkl")
+BACKENDS = ("xla", "mkl")
 LIBRARY = Path(__file__).parent / "native" / "libjaxvgg_gemm.so"
 FFI_TARGET = "jaxvgg_mkl_sgemm"
 
 
 @functools.cache
-def _load() -> str | None:
+def problem() -> str | None:
     """Loads and registers the handler once; None when it is usable, else why it is not."""
     if not LIBRARY.exists():
         return f"{LIBRARY} is not built (bash scripts/build_gemm.sh)"
-    # MKL's OpenMP threads: Intel's runtime, which must be global before MKL loads its threading layer,
-    # and which must not spin after a product (it would take the core from XLA's own threads).
-    os.environ.setdefault("MKL_THREADING_LAYER", "INTEL")
-    os.environ.setdefault("KMP_BLOCKTIME", "0")
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     try:
         if iomp.exists():
-            ctypes.CDLL(str(iomp), mode=ctypes.RTLD_GLOBAL)
+            # Intel's OpenMP runtime, loaded globally before MKL, which then picks its Intel threading
+            # layer by default (mkl_set_threading_layer is not called: beside torch's own MKL it made
+            # this library's products wrong). Its threads must not spin after a product (they would
+            # take the cores from XLA's own threads): block time 0 as the process-wide default, set
+            # through the runtime's API before its first parallel region.
+            openmp = ctypes.CDLL(str(iomp), mode=ctypes.RTLD_GLOBAL)
+            openmp.kmp_set_defaults(b"KMP_BLOCKTIME=0")
         library = ctypes.CDLL(str(LIBRARY))
         jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.JaxvggSgemm), platform="cpu")
     except (OSError, AttributeError) as e:
         return f"{LIBRARY} did not load: {e}"
     return None
-
-
-def backend() -> str:
-    """The backend ("xla" or "mkl") that products traced now will use."""
-    choice = os.environ.get(GEMM_ENV, "auto")
-    if choice not in GEMM_BACKENDS:
-        raise ValueError(f"{GEMM_ENV}={choice!r}; expected one of {GEMM_BACKENDS}")
-    if choice == "xla" or jax.default_backend() != "cpu":
-        return "xla"
-    from jaxvgg import models  # at trace time; models imports this module
-
-    if choice == "auto" and (models._impl_mode() == "native" or jax.device_count() > 1):
-        return "xla"
-    problem = _load()
-    if problem is None:
-        return "mkl"
-    if choice == "mkl":
-        raise RuntimeError(f"{GEMM_ENV}=mkl, but {problem}")
-    return "xla"
 
 
 def _sgemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
@@ -93,23 +71,35 @@ def _mkl_matmul_bwd(res, g):
 _mkl_matmul.defvjp(_mkl_matmul_fwd, _mkl_matmul_bwd)
 
 
-def _mkl_eligible(a: jax.Array, b: jax.Array) -> bool:
-    return a.ndim == 2 and b.ndim == 2 and a.dtype == jnp.float32 and b.dtype == jnp.float32
+def _use_mkl(backend: str, a: jax.Array, b: jax.Array) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"gemm backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "mkl" or not (a.ndim == b.ndim == 2 and a.dtype == b.dtype == jnp.float32):
+        return False
+    if problem() is not None:
+        raise RuntimeError(f"gemm backend 'mkl', but {problem()}")
+    return True
 
 
-def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b``; 2-d float32 operands go through MKL when `backend` says so."""
-    if _mkl_eligible(a, b) and backend() == "mkl":
-        return _mkl_matmul(a, b)
-    return a @ b
+def matmul(a: jax.Array, b: jax.Array, backend: str = "xla") -> jax.Array:
+    """``a @ b``; 2-d float32 operands go through MKL under backend "mkl"."""
+    return _mkl_matmul(a, b) if _use_mkl(backend, a, b) else a @ b
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`jax.lax.dot_general`, with plain 2-d float32 products ((1,) x (0,), no batch) through MKL."""
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, backend: str = "xla"):
+    """`jax.lax.dot_general`; under backend "mkl", plain 2-d float32 products ((1,) x (0,), no batch) through MKL."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    if (tuple(lhs_contract) == (1,) and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch
-            and preferred_element_type in (None, jnp.float32) and _mkl_eligible(lhs, rhs)
-            and backend() == "mkl"):
+    plain = (tuple(lhs_contract) == (1,) and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch
+             and preferred_element_type in (None, jnp.float32))
+    if plain and _use_mkl(backend, lhs, rhs):
         return _mkl_matmul(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+@functools.cache
+def dot_general_for(backend: str):
+    """`dot_general` bound to ``backend``, for ``flax.linen.Dense(dot_general=...)`` (one object per backend)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"gemm backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return functools.partial(dot_general, backend=backend)

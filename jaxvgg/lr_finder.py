@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxvgg import data, models, optim, parallel, plots
+from jaxvgg import data, optim, parallel, plots
 from jaxvgg.train import TrainState, Transform, train_step
 
 
@@ -196,8 +196,8 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
     mesh = parallel.make_mesh(num_devices if num_devices is not None
                               else parallel.auto_num_devices(state.params, batch_size))
     parallel.check_batch_size(batch_size, mesh)
-    step_fn = parallel.data_parallel(partial(_transformed_train_step, transform=transform), mesh,
-                                     compiler_options=models.resolve_compiler_options(state.model, "train"))
+    step_fn = parallel.compile_step(partial(_transformed_train_step, transform=transform), state.policy, "train",
+                                    mesh, donate_state=True)
     work = parallel.replicate(state, mesh)  # a copy: the step donates it, the caller's arrays survive
 
     stats, recorded = range_test_init(), {"lrs": [], "losses": [], "smoothed": []}

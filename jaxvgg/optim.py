@@ -196,9 +196,9 @@ def _onecycle(base_lr: float, steps_per_epoch: int, epochs: int, *, pct_start: f
     total_steps = steps_per_epoch * epochs
     if not 0.0 < pct_start < 1.0:
         raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
-    peak_step = float(pct_start * total_steps) - 1  # torch's end of the warm-up phase
-    if peak_step <= 0:
-        raise ValueError(f"onecycle needs pct_start * total_steps > 1 to warm up, got {pct_start} * {total_steps}")
+    # torch's end of the warm-up phase; below 0 in short runs (pct_start * T < 1), where torch, and this,
+    # skip the warm-up and anneal from the peak from the first step on
+    peak_step = float(pct_start * total_steps) - 1
     last_step = total_steps - 1
     initial_lr = base_lr / div_factor
     min_lr = initial_lr / final_div_factor
@@ -207,8 +207,11 @@ def _onecycle(base_lr: float, steps_per_epoch: int, epochs: int, *, pct_start: f
         step = jnp.clip(jnp.asarray(count, jnp.float32), 0.0, last_step)
         warming = step <= peak_step
         start, end = jnp.where(warming, 0.0, peak_step), jnp.where(warming, peak_step, last_step)
-        done = (step - start) / (end - start)  # torch's pct
-        left = (end - step) / (end - start)  # 1 - pct without the cancellation
+        # torch's pct, and 1 - pct without the cancellation; a phase of length 0 (torch divides by zero
+        # there) is at its start
+        span = jnp.where(end > start, end - start, 1.0)
+        done = jnp.where(end > start, (step - start) / span, 0.0)
+        left = jnp.where(end > start, (end - step) / span, 1.0)
         # torch: lr_to + (lr_from - lr_to) * (cos(pi * pct) + 1) / 2, rewritten with
         # (cos(pi p) + 1) / 2 = sin^2(pi (1 - p) / 2) and 1 - that = sin^2(pi p / 2): two positive terms,
         # so float32 keeps full relative precision at the ends, where cos(pi p) + 1 cancels.

@@ -20,15 +20,15 @@ compiler, not the array types, propagates shardings through model code written w
 With one device the mesh has a single entry, every sharding is trivial and the compiled program is
 the plain single-device one: the same code path, no special case.
 
-A global batch must divide evenly over the devices. Pad a final partial batch with `pad_batch`: it
-repeats the last example and marks the copies with ``mask = 0``, which ``train_step`` and
+A global batch must divide evenly over the devices. Pad a final partial batch with
+`jaxvgg.data.pad_batch`: it repeats the last example and marks the copies with ``mask = 0``, which ``train_step`` and
 ``eval_step`` exclude from means and sums, so padded results equal unpadded ones.
 
     mesh = make_mesh()
     state = replicate(state, mesh)
-    step = data_parallel(train_step, mesh)
+    step = compile_step(train_step, state.policy, "train", mesh, donate_state=True)
     for batch in batches:
-        state, metrics = step(state, shard_batch(pad_batch(batch, mesh.size), mesh))
+        state, metrics = step(state, shard_batch(data.pad_batch(batch, mesh.size), mesh))
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxvgg import models
+from jaxvgg.models import count_params
+from jaxvgg.policy import Policy
 
 DATA_AXIS = "data"
 
@@ -80,7 +80,7 @@ def auto_num_devices(params: Any, batch_size: int | None = None) -> int:
     device), and at most the largest count that ``batch_size`` divides evenly over.
     """
     devices = jax.devices()
-    large = models.count_params(params) > CPU_DATA_PARALLEL_MAX_PARAMS
+    large = count_params(params) > CPU_DATA_PARALLEL_MAX_PARAMS
     n = 1 if devices[0].platform == "cpu" and large else len(devices)
     while batch_size and batch_size % n:
         n -= 1
@@ -126,56 +126,28 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.device_put(batch, batch_sharded(mesh))
 
 
-def pad_batch(batch: dict, multiple: int) -> dict:
-    """Pad the leading axis to a multiple of ``multiple`` by repeating the last example, with ``mask`` 0 on copies.
-
-    The result always has a ``"mask"`` (ones for real examples unless the batch had one), so full and
-    padded batches share one pytree structure and one compiled step. NumPy inputs stay NumPy.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be at least 1, got {multiple}")
-    size = np.shape(batch["label"])[0]
-    if size == 0:
-        raise ValueError("cannot pad an empty batch: there is no last example to repeat")
-    batch = dict(batch)
-    if "mask" not in batch:
-        xp = np if isinstance(batch["label"], np.ndarray) else jnp
-        batch["mask"] = xp.ones((size,), xp.float32)
-    pad = -size % multiple
-    if pad == 0:
-        return batch
-
-    def pad_one(key: str, x: Any) -> Any:
-        xp = np if isinstance(x, np.ndarray) else jnp
-        fill = xp.zeros((pad, *x.shape[1:]), x.dtype) if key == "mask" else xp.repeat(x[-1:], pad, axis=0)
-        return xp.concatenate([x, fill], axis=0)
-
-    return {key: pad_one(key, x) for key, x in batch.items()}
-
-
-def data_parallel(step_fn: Callable[[Any, dict], tuple[Any, dict]], mesh: Mesh, *, donate_state: bool = True,
-                  compiler_options: dict[str, Any] | None = None) -> Callable[[Any, dict], tuple[Any, dict]]:
-    """Jit a ``(state, batch) -> (state, metrics)`` step with the state replicated and the batch split.
+def compile_step(step_fn: Callable, policy: Policy, mode: str, mesh: Mesh | None = None, *,
+                 donate_state: bool = False) -> Callable:
+    """The one place jaxvgg jits a step: for a policy, a mode and (optionally) a mesh.
 
     Args:
-      step_fn: a pure step on the global batch, e.g. ``jaxvgg.train.train_step``.
-      mesh: from `make_mesh`.
-      donate_state: reuse the input state's buffers for the output (do not read the old state after).
-      compiler_options: XLA options for this compilation (`jaxvgg.models.resolve_compiler_options`).
+      step_fn: a pure ``(state_or_variables, batch, ...) -> outputs`` function on the global batch, e.g.
+        ``jaxvgg.train.train_step``.
+      policy: the model's `jaxvgg.policy.Policy` (``state.policy``, ``model.policy``); its XLA compile
+        options for ``mode`` go to the compiler.
+      mode: "train" or "infer".
+      mesh: from `make_mesh`: the first argument is replicated over it, the second (the batch) split along
+        its leading axis, and every output replicated. None: plain ``jax.jit``, arrays where they are.
+      donate_state: reuse the first argument's buffers for the output (do not read the old state after).
 
     Returns:
       The jitted step. Inputs not yet placed are moved to these shardings (uncommitted arrays, NumPy);
       place them up front with `replicate` / `shard_batch` to transfer once and get the friendlier
       batch size error.
     """
-    return jax.jit(step_fn,
-                   in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)),
-                   donate_argnums=(0,) if donate_state else (), compiler_options=compiler_options)
-
-
-def data_parallel_eval(eval_fn: Callable[[Any, dict], dict], mesh: Mesh, *,
-                       compiler_options: dict[str, Any] | None = None) -> Callable[[Any, dict], dict]:
-    """Jit a ``(state, batch) -> metrics`` eval step with the state replicated and the batch split."""
-    return jax.jit(eval_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=replicated(mesh), compiler_options=compiler_options)
+    options = policy.compiler_options(mode)
+    donate = (0,) if donate_state else ()
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=donate, compiler_options=options)
+    return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   donate_argnums=donate, compiler_options=options)

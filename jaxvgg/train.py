@@ -1,7 +1,8 @@
 """Training state and pure train/eval steps.
 
-Steps are module-level pure functions ``(state, batch) -> (state, metrics)``; callers apply ``jax.jit``
-(see flax examples/imagenet). A batch is ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``,
+Steps are module-level pure functions ``(state, batch) -> (state, metrics)``; `fit`, `evaluate` and
+`predict` jit them through `jaxvgg.parallel.compile_step` with the state's policy (see flax
+examples/imagenet). A batch is ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``,
 optionally with ``"mask"`` (B,) marking real examples in a padded final batch.
 """
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxvgg import checkpoint as ckpt
 from jaxvgg import data, models, optim, parallel
+from jaxvgg.policy import NATIVE, Policy
 
 
 class TrainState(struct.PyTreeNode):
@@ -36,26 +38,28 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     log_probs: bool = struct.field(pytree_node=False, default=False)  # outputs are log-probs: NLL loss
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
-    # registry name of the network (or models.TRANSFER_HEAD): picks its XLA compile options in `fit`, see
-    # `models.resolve_compiler_options`; None compiles with XLA's defaults
-    model: str | None = struct.field(pytree_node=False, default=None)
+    # how the network runs (its module's policy): `fit` compiles the steps with its XLA options
+    policy: Policy = struct.field(pytree_node=False, default=NATIVE)
     plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
     early_stopping: Any = None  # optim.early_stopping_init() state when early stopping is on
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-               log_probs: bool = False, label_smoothing: float = 0.0, model: str | None = None) -> "TrainState":
-        """A step-0 state with a fresh optimizer state."""
+               log_probs: bool = False, label_smoothing: float = 0.0, policy: Policy | None = None) -> "TrainState":
+        """A step-0 state with a fresh optimizer state; ``policy`` defaults to that of ``apply_fn``'s module."""
         params = params.get("params", params)
+        if policy is None:
+            policy = getattr(getattr(apply_fn, "__self__", None), "policy", NATIVE)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing, model=model)
+                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing, policy=policy)
 
     @classmethod
     def for_model(cls, name: str, model: Any, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
                   label_smoothing: float = 0.0) -> "TrainState":
         """A state for a registry model: its loss follows whether it ends in log_softmax."""
         return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
-                          log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing, model=name)
+                          log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing,
+                          policy=model.policy)
 
     def apply_gradients(self, grads: Any) -> "TrainState":
         """One optimizer update."""
@@ -145,20 +149,11 @@ def _transformed_predict(state: TrainState, images: jax.Array, transform: EvalTr
     return state.apply_fn({"params": state.params}, transform(images))
 
 
-def _padded_batches(dataset: Any, batch_size: int):
-    """In-order batches of a `jaxvgg.data.Dataset`, each padded to ``batch_size`` with mask 0."""
-    for start in range(0, len(dataset), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(dataset)))
-        batch = {"image": dataset.images[idx], "label": dataset.labels[idx]}
-        yield parallel.pad_batch(batch, batch_size)  # the last partial batch keeps the compiled shape
-
-
 def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
              mesh: Any = None) -> dict[str, float]:
     """Mean loss and accuracy over every example of ``dataset`` (the last partial batch included)."""
     mesh = mesh or parallel.make_mesh(1)
-    step = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=transform), mesh,
-                                       compiler_options=models.resolve_compiler_options(state.model, "infer"))
+    step = parallel.compile_step(partial(_transformed_eval_step, transform=transform), state.policy, "infer", mesh)
     return _evaluate(step, state, dataset, batch_size, mesh)
 
 
@@ -166,7 +161,7 @@ def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, 
     """`evaluate` with an already jitted eval step (fit reuses one, so it compiles once per run)."""
     batch_size = _round_up(batch_size, mesh.size)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in _padded_batches(dataset, batch_size):
+    for batch in data.padded_batches(dataset, batch_size):
         sums = step(state, parallel.shard_batch(batch, mesh))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
@@ -174,9 +169,8 @@ def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, 
 
 def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500) -> np.ndarray:
     """Model outputs (logits or log-probs, as the model returns) for every example, in order."""
-    fn = jax.jit(partial(_transformed_predict, transform=transform),
-                 compiler_options=models.resolve_compiler_options(state.model, "infer"))
-    outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())] for b in _padded_batches(dataset, batch_size)]
+    fn = parallel.compile_step(partial(_transformed_predict, transform=transform), state.policy, "infer")
+    outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())] for b in data.padded_batches(dataset, batch_size)]
     return np.concatenate(outs)
 
 
@@ -245,10 +239,10 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
             history, first_epoch = meta["history"], meta["epoch"] + 1
             _log(f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
 
-    train_fn = parallel.data_parallel(partial(_augmented_train_step, transform=train_transform), mesh,
-                                      compiler_options=models.resolve_compiler_options(state.model, "train"))
-    eval_fn = parallel.data_parallel_eval(partial(_transformed_eval_step, transform=eval_transform), mesh,
-                                          compiler_options=models.resolve_compiler_options(state.model, "infer"))
+    train_fn = parallel.compile_step(partial(_augmented_train_step, transform=train_transform), state.policy,
+                                     "train", mesh, donate_state=True)
+    eval_fn = parallel.compile_step(partial(_transformed_eval_step, transform=eval_transform), state.policy,
+                                    "infer", mesh)
     state = parallel.replicate(state, mesh)
     for epoch in range(first_epoch, config.epochs + 1):
         if state.early_stopping is not None and bool(state.early_stopping.should_stop):

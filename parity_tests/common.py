@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from functools import lru_cache
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -13,7 +12,8 @@ from torch import nn
 
 import jaxvgg
 import torch_ref
-from jaxvgg import models
+from jaxvgg import models, parallel
+from jaxvgg.policy import Policy, make_policy
 
 torch.use_deterministic_algorithms(True)
 
@@ -107,9 +107,14 @@ def torch_activations(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, dict
     return out.numpy(), acts
 
 
-def flax_activations(case: Case, variables: dict, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eval-mode forward, compiled with the model's inference options; {sown layer name: output}."""
-    model = jaxvgg.create_model(case.name, num_classes=case.num_classes)
-    out, acts = jax.jit(lambda v, x: models.layer_outputs(model, v, x),
-                        compiler_options=models.resolve_compiler_options(case.name, "infer"))(variables, jnp.asarray(x))
+def policy(case: Case, form: str) -> Policy:
+    """The policy of the form under test ("native" or "fast"), with the model's own compile options."""
+    return make_policy(case.name, forms=form)
+
+
+def flax_activations(case: Case, variables: dict, x: np.ndarray, form: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Eval-mode forward in ``form``, compiled as the library compiles inference; {sown layer name: output}."""
+    model = jaxvgg.create_model(case.name, num_classes=case.num_classes, policy=policy(case, form))
+    out, acts = parallel.compile_step(lambda v, x: models.layer_outputs(model, v, x), model.policy, "infer")(
+        variables, jnp.asarray(x))
     return np.asarray(out), {name: np.asarray(a) for name, a in acts.items()}

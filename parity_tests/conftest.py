@@ -1,9 +1,10 @@
 """Collects the max |Δ| every parity check measured; prints the table and writes it as JSON.
 
 Every test that builds a model runs twice, once per form of the convolutions, max-pools and matrix
-products (``jaxvgg.models``, ``jaxvgg.gemm``): "native" is lax.conv / reduce_window and XLA's dots,
-"fast" is im2col / reshape max-pool and MKL's products where they are built. The form is forced
-through ``$JAXVGG_IMPL``: speed must never change the function computed. Tests in
+products (``jaxvgg.policy``): "native" is lax.conv / reduce_window and XLA's dots, "fast" is im2col /
+Toeplitz / direct convs, reshape max-pools, MKL's products where they are built and each model's
+XLA:CPU options. The test builds its model with ``common.policy(case, impl)``: speed must never
+change the function computed. Tests in
 `FORM_INDEPENDENT_MODULES` / `FORM_INDEPENDENT_TESTS` compute no model output and run once
 (recorded as "native"); the fast-form copies of the 10-step optimizer runs are marked slow.
 
@@ -23,7 +24,8 @@ pytest.importorskip("torch", reason="parity tests compare against PyTorch: pip i
 
 import jax  # noqa: E402
 
-from jaxvgg import gemm, models  # noqa: E402
+from jaxvgg import gemm  # noqa: E402
+from jaxvgg.policy import make_policy  # noqa: E402
 from parity_tests.report import FORMS, markdown_table  # noqa: E402
 
 # test modules (by file stem) and tests that compute no model output: the form cannot matter, so they run once
@@ -31,7 +33,7 @@ FORM_INDEPENDENT_MODULES = {"test_schedules"}
 FORM_INDEPENDENT_TESTS = {"test_parameter_counts_equal_the_cited_constants",
                           "test_torchvision_vgg16_round_trip_is_bit_exact"}
 FAST_FORM_SLOW_TESTS = {"test_ten_optimizer_steps_give_the_same_parameters"}
-# what each forced form must resolve an "auto" layer to (guards against the switch being ignored)
+# what each form's policy must resolve a large layer to in inference (guards against the switch being ignored)
 _EXPECTED = {"native": ("lax", "reduce_window"), "fast": ("im2col", "reshape")}
 
 _RECORDS: list[dict] = []
@@ -53,21 +55,14 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(autouse=True)
-def impl(request, monkeypatch):
-    """The form of convs and max-pools this test runs with: JAXVGG_IMPL, set for the test's duration.
-
-    The variable is read at trace time and jax's caches do not key on it (flax modules compare equal
-    by their fields), so a trace cached under one form could be reused under the other: the caches
-    are cleared on the way in and out.
-    """
+def impl(request):
+    """The form ("native" or "fast") this test builds its models with (`parity_tests.common.policy`)."""
     form = getattr(request, "param", "native")
-    monkeypatch.setenv(models.IMPL_ENV, form)
-    assert (models.resolve_conv_impl("auto", 1, False), models.resolve_pool_impl("auto", False)) == _EXPECTED[form]
+    policy = make_policy(None, forms=form)
+    assert (policy.conv_form(4096, False, 3), policy.pool_form(False)) == _EXPECTED[form]
     # and the matrix products: XLA's in the native form, MKL's in the fast one where it is built
-    assert gemm.backend() == ("mkl" if form == "fast" and gemm._load() is None else "xla")
-    jax.clear_caches()
+    assert policy.gemm == ("mkl" if form == "fast" and gemm.problem() is None and jax.device_count() == 1 else "xla")
     yield form
-    jax.clear_caches()
 
 
 @pytest.fixture

@@ -62,11 +62,11 @@ FORWARD_PARAMS = [pytest.param(c, id=c.id) for c in FORWARD]
 
 
 @pytest.mark.parametrize("case", FORWARD_PARAMS)
-def test_every_layer_and_the_output_match_torch(case, record):
+def test_every_layer_and_the_output_match_torch(case, impl, record):
     torch_model = build_torch(case)
     x = inputs(case)
     torch_out, torch_acts = torch_activations(torch_model, x)
-    flax_out, flax_acts = flax_activations(case, convert(case, torch_model), x)
+    flax_out, flax_acts = flax_activations(case, convert(case, torch_model), x, impl)
 
     assert flax_out.shape == torch_out.shape == (case.batch, case.num_classes)
     record(case.id, "outputs (eval)", max_abs(flax_out, torch_out), f"rtol=atol={case.tol:g}")

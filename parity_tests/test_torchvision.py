@@ -20,14 +20,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("case,factory", CASES, ids=[c.id for c, _ in CASES])
-def test_torchvision_state_dict_gives_the_same_outputs(case, factory, record):
+def test_torchvision_state_dict_gives_the_same_outputs(case, factory, impl, record):
     torch.manual_seed(0)
     tv_model = factory(weights=None).eval()
     variables = jaxvgg.from_torch(case.name, tv_model.state_dict())
     x = inputs(case)
     with torch.no_grad():
         expected = tv_model(to_nchw(x)).numpy()
-    got, _ = flax_activations(case, variables, x)
+    got, _ = flax_activations(case, variables, x, impl)
     record(case.id, "outputs vs torchvision.models", max_abs(got, expected), f"rtol=atol={case.tol:g}")
     np.testing.assert_allclose(got, expected, rtol=case.tol, atol=case.tol)
 

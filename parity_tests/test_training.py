@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import jaxvgg
-from jaxvgg import models, optim
+from jaxvgg import models, optim, parallel
 from jaxvgg.train import TrainState, per_example_loss, train_step
-from parity_tests.common import Case, build_torch, convert, inputs, labels, max_abs, to_nchw
+from parity_tests.common import Case, build_torch, convert, inputs, labels, max_abs, policy, to_nchw
 
 CASES = [
     Case("mnist_linear", 28, 28, 10, batch=8),
@@ -31,14 +31,14 @@ IDS = [c.id for c in CASES]
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-def flax_model(case: Case):
-    """The flax twin with dropout off, like `build_torch(case, dropout=0.0)`."""
+def flax_model(case: Case, form: str):
+    """The flax twin in ``form`` with dropout off, like `build_torch(case, dropout=0.0)`."""
     kw = {}
     if case.name.startswith("vgg"):
         kw["dropout_rate"] = 0.0
     if case.name == "vgg16_transfer":
         kw["transfer_head"] = (256, 0.0)
-    return jaxvgg.create_model(case.name, num_classes=case.num_classes, **kw)
+    return jaxvgg.create_model(case.name, num_classes=case.num_classes, policy=policy(case, form), **kw)
 
 
 def torch_loss(case: Case, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def torch_grads(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_loss_and_gradients_match_torch(case, record):
+def test_loss_and_gradients_match_torch(case, impl, record):
     torch_model = build_torch(case, dropout=0.0).train()
     variables = convert(case, torch_model)
     x, y = inputs(case), labels(case)
@@ -61,14 +61,13 @@ def test_loss_and_gradients_match_torch(case, record):
     loss_t.backward()
     grads_t = torch_grads(torch_model)
 
-    model, log_probs = flax_model(case), models.get_spec(case.name).log_probs
+    model, log_probs = flax_model(case, impl), models.get_spec(case.name).log_probs
 
     def loss_fn(params):
         out = model.apply({"params": params}, jnp.asarray(x), train=True)
         return per_example_loss(out, jnp.asarray(y), log_probs).mean()
 
-    loss_f, grads = jax.jit(jax.value_and_grad(loss_fn),
-                            compiler_options=models.resolve_compiler_options(case.name, "train"))(variables["params"])
+    loss_f, grads = parallel.compile_step(jax.value_and_grad(loss_fn), model.policy, "train")(variables["params"])
     grads_f = jaxvgg.to_torch(case.name, grads)
 
     record(case.id, "loss", abs(float(loss_f) - loss_t.item()), "rtol=atol=1e-5")
@@ -102,13 +101,13 @@ F64_ATOL = 1e-9  # float64: the same arithmetic up to summation order
 F32_ATOL = 1e-5
 
 
-def _flax_run(case: Case, kind: str, variables: dict, batches: list, dtype) -> tuple[np.ndarray, dict]:
-    """10 jaxvgg steps in ``dtype``; returns (losses, final params under torch keys as float64)."""
-    model = flax_model(case)
+def _flax_run(case: Case, kind: str, variables: dict, batches: list, dtype, form: str) -> tuple[np.ndarray, dict]:
+    """10 jaxvgg steps in ``dtype`` and ``form``; returns (losses, final params under torch keys as float64)."""
+    model = flax_model(case, form)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), variables["params"])
     state = TrainState.for_model(case.name, model, {"params": params}, _flax_optimizer(kind, case, params),
                                  rng=jax.random.key(0))
-    step = jax.jit(train_step, compiler_options=models.resolve_compiler_options(case.name, "train"))
+    step = parallel.compile_step(train_step, state.policy, "train")
     losses = []
     for x, y in batches:
         state, metrics = step(state, {"image": jnp.asarray(x.astype(dtype)), "label": jnp.asarray(y)})
@@ -145,7 +144,7 @@ STEP_CASES = [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.name in HEA
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("case", STEP_CASES)
-def test_ten_optimizer_steps_give_the_same_parameters(case, kind, record):
+def test_ten_optimizer_steps_give_the_same_parameters(case, kind, impl, record):
     """Both frameworks run the same 10 steps in float64 and in float32 from the same weights and batches.
 
     float64 shows the arithmetic is the same (agreement to ~1e-13). In float32, 10 steps from a random
@@ -160,10 +159,10 @@ def test_ten_optimizer_steps_give_the_same_parameters(case, kind, record):
 
     torch_losses32, torch32 = _torch_run(case, kind, init_state, batches, torch.float32)
     torch_losses64, torch64 = _torch_run(case, kind, init_state, batches, torch.float64)
-    flax_losses32, flax32 = _flax_run(case, kind, variables, batches, np.float32)
+    flax_losses32, flax32 = _flax_run(case, kind, variables, batches, np.float32, impl)
     jax.config.update("jax_enable_x64", True)
     try:
-        flax_losses64, flax64 = _flax_run(case, kind, variables, batches, np.float64)
+        flax_losses64, flax64 = _flax_run(case, kind, variables, batches, np.float64, impl)
     finally:
         jax.config.update("jax_enable_x64", False)
 

@@ -9,35 +9,42 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import benchmark
-from jaxvgg import gemm, models
+from jaxvgg import benchmark, gemm, models
+from jaxvgg.policy import YNN_FUSION_OPTION, Policy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data"
 
 
 @pytest.mark.parametrize("backend", ["xla", "mkl"])
-def test_flop_count_of_the_cifar_cnn(monkeypatch, backend):
+def test_flop_count_of_the_cifar_cnn(backend):
     # the count reads XLA's dots and convs, and MKL's sgemm custom calls (jaxvgg.gemm)
-    if backend == "mkl" and gemm._load() is not None:
-        pytest.skip(gemm._load())
-    monkeypatch.setenv(gemm.GEMM_ENV, backend)
+    if backend == "mkl" and gemm.problem() is not None:
+        pytest.skip(gemm.problem())
     # MACs by hand: conv1 30*30*64*27, conv2 13*13*128*576, conv3 4*4*256*1152, fc 1024*128 + 128*256 + 256*10
     macs = 30 * 30 * 64 * 27 + 13 * 13 * 128 * 576 + 4 * 4 * 256 * 1152 + 1024 * 128 + 128 * 256 + 256 * 10
-    model = models.create_model("cifar_cnn")
     variables = models.init_params("cifar_cnn", jax.random.PRNGKey(0))
-    for conv_impl in ("lax", "im2col"):  # counted the same whichever form computes the convs
-        model = models.create_model("cifar_cnn", conv_impl=conv_impl)
+    for forms in ("native", "fast"):  # counted the same whichever form computes the convs
+        model = models.create_model("cifar_cnn", policy=Policy(forms=forms, gemm=backend))
         jaxpr = jax.make_jaxpr(model.apply)(variables, jnp.zeros((3, 32, 32, 3)))
         assert benchmark.jaxpr_flops(jaxpr) == 3 * 2 * macs
 
 
-def test_flop_count_of_lenet_includes_its_direct_first_conv(monkeypatch):
+def test_flop_count_of_lenet_includes_its_direct_first_conv():
     # conv1 28*28*6*25, conv2 10*10*16*150, fc 400*120 + 120*84 + 84*10
     macs = 28 * 28 * 6 * 25 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
-    monkeypatch.setenv(models.IMPL_ENV, "fast")  # conv1 is "direct" in inference: no conv or dot in its jaxpr
-    case = benchmark.build_case("mnist_lenet", jax.random.PRNGKey(0))
-    assert benchmark.model_flops(case, jnp.zeros((2, 28, 28, 1))) == 2 * 2 * macs
+    # conv1 is "direct" in inference under the fast policy: no conv or dot in its jaxpr
+    case = benchmark.build_case("mnist_lenet", jax.random.PRNGKey(0), Policy(forms="fast"))
+    # XLA's count (cost_analysis) adds the element-wise ops: biases, ReLUs, pools, log-softmax
+    assert benchmark.model_flops(case, jnp.zeros((2, 28, 28, 1))) == pytest.approx(2 * 2 * macs, rel=0.03)
+
+
+@pytest.mark.parametrize("backend", ["xla", "mkl"])
+def test_program_flops_counts_xla_s_ops_and_mkl_s_custom_calls_alike(backend):
+    if backend == "mkl" and gemm.problem() is not None:
+        pytest.skip(gemm.problem())
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    assert benchmark.program_flops(lambda a, b: gemm.matmul(a, b, backend), a, b) == pytest.approx(2 * 64 * 32 * 16)
 
 
 @pytest.mark.skipif(not (CIFAR / "cifar-10-binary.tar.gz").exists(), reason="needs ../shared/data")
@@ -62,26 +69,16 @@ def test_benchmark_smoke(tmp_path):
     assert rows[4]["images"] == 256 and 0 < rows[4]["pipeline_fraction"] < 1
     assert "| cifar_cnn | train |" in proc.stdout
     # each step is compiled with its model's XLA:CPU options, and the table says which
-    assert [r["xla_options"] for r in rows[:4]] == [{}, {}, {}, {models.YNN_FUSION_OPTION: ""}]
+    assert [r["xla_options"] for r in rows[:4]] == [{}, {}, {}, {YNN_FUSION_OPTION: ""}]
     labels = {line.split("|")[1].strip() + " " + line.split("|")[2].strip(): line.split("|")[5].strip()
               for line in proc.stdout.splitlines() if line.startswith(("| cifar_cnn |", "| transfer_head |"))}
     assert labels == {"cifar_cnn train": "default", "cifar_cnn infer": "default", "transfer_head train": "default",
                       "transfer_head infer": "YNNPACK off"}
-    # the matrix products' backend (jaxvgg.gemm), in the rows and the table
-    assert {r["gemm"] for r in rows[:4]} == {gemm.backend()}
+    # the matrix products' backend (the auto policy's), in the rows and the table
+    expected_gemm = make_policy("cifar_cnn").gemm
+    assert {r["gemm"] for r in rows[:4]} == {expected_gemm} and {r["forms"] for r in rows[:4]} == {"cpu"}
     assert {line.split("|")[6].strip() for line in proc.stdout.splitlines()
-            if line.startswith(("| cifar_cnn |", "| transfer_head |"))} == {gemm.backend()}
-    # issue 5's targets, and whether the row's ratio meets them
-    assert [r["target"] for r in rows[:4]] == [1.3, 1.2, None, 1.2]
-    targets = [line.split("|")[10].strip() for line in proc.stdout.splitlines()
-               if line.startswith(("| cifar_cnn |", "| transfer_head |"))]
-    assert targets == [benchmark._target_label(r["target"], r["ratio"]) for r in rows[:4]]
-
-
-def test_target_labels():
-    assert benchmark._target_label(1.3, 1.31) == "≥ 1.3x met"
-    assert benchmark._target_label(1.2, 1.19) == "≥ 1.2x not met"
-    assert benchmark._target_label(None, 2.0) == "–"
+            if line.startswith(("| cifar_cnn |", "| transfer_head |"))} == {expected_gemm}
 
 
 def test_benchmark_rejects_unknown_models():

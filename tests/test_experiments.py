@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data sets not found at {SHARED_DATA}")
 
 
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+def _run(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 @pytest.mark.parametrize("module", ["experiments.cifar_vgg", "experiments.vgga_transfer"])
@@ -28,22 +30,27 @@ def test_experiment_help_lists_its_options(module):
 
 
 @needs_data
-def test_cifar_vgg_one_epoch_smoke_run_writes_summary_and_plots(tmp_path):
-    workdir = tmp_path / "run"
-    out = _run("experiments.cifar_vgg", "--data-dir", str(SHARED_DATA), "--limit", "160", "--epochs", "1",
-               "--batch-size", "32", "--workdir", str(workdir), "--quiet", "true")
+def test_cifar_vgg_quick_look_of_its_docstring_runs_as_shown(tmp_path):
+    """``python -m experiments.cifar_vgg --limit 512 --epochs 1``, exactly (3 steps of the default one-cycle
+    schedule, the data from $JAXVGG_DATA_DIR), then --resume, then its VGG-A as a transfer backbone."""
+    command = "python -m experiments.cifar_vgg --limit 512 --epochs 1"
+    assert command in importlib.import_module("experiments.cifar_vgg").__doc__
+    env = {**os.environ, "JAXVGG_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT)}
+    out = _run("experiments.cifar_vgg", *command.split()[3:], cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    workdir = tmp_path / "runs" / "cifar_vgg"
     summary = json.loads((workdir / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
-    assert summary["n_examples"] == 160
+    assert summary["n_examples"] == 512 and summary["policy"]["forms"] in ("cpu", "native")
+    assert len(json.loads((workdir / "history.json").read_text())["batch"]["lr"]) == 3
     assert set(summary["superclass"]["within_group_error_fraction"]) == {"vehicle", "animal"}
     for name in ("config.json", "history.json", "history.png", "confusion_matrix.png", "test_samples.png",
                  "report.md"):
         assert (workdir / name).stat().st_size > 0, name
     assert (workdir / "checkpoints" / "last" / "1").is_dir()
     # --resume with the same config finds the finished epoch and only re-evaluates
-    again = _run("experiments.cifar_vgg", "--data-dir", str(SHARED_DATA), "--limit", "160", "--epochs", "1",
-                 "--batch-size", "32", "--workdir", str(workdir), "--quiet", "true", "--resume", "true")
+    again = _run("experiments.cifar_vgg", "--limit", "512", "--epochs", "1", "--quiet", "true", "--resume", "true",
+                 cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout + again.stderr
 

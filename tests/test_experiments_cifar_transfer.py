@@ -143,8 +143,8 @@ def test_transfer_head_on_classifier_4_features_equals_the_full_model(small_tran
     model, params = small_transfer_model
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
     full, acts = models.layer_outputs(model, {"params": params}, images)
-    head = vgg16_transfer.TransferHead(3)
-    head_params = {k: v for k, v in params.items() if k.startswith(vgg16_transfer.HEAD_PREFIX)}
+    head = jaxvgg.create_model("transfer_head", 3)
+    head_params = {k: v for k, v in params.items() if k.startswith(models.TRANSFER_PREFIX)}
     head_shapes = jax.eval_shape(head.init, jax.random.PRNGKey(2), acts["classifier_4"])["params"]
     assert jax.tree_util.tree_map(np.shape, head_shapes) == jax.tree_util.tree_map(np.shape, head_params)
     out = head.apply({"params": head_params}, acts["classifier_4"])
@@ -152,19 +152,32 @@ def test_transfer_head_on_classifier_4_features_equals_the_full_model(small_tran
     assert diff < 1e-5, f"max |head(features) - full model| = {diff}"  # float32, same ops in the same order
 
 
-def test_transplant_backbone_copies_all_but_the_head_and_names_a_wrong_shape(small_transfer_model):
+def test_transfer_head_starts_from_the_tutorial_s_torch_default_init():
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, as torch's nn.Linear, not flax's lecun normal."""
+    params = jaxvgg.init_params("transfer_head", jax.random.PRNGKey(0), 10)["params"]
+    for layer, fan_in in (("classifier_6_0", 4096), ("classifier_6_3", 256)):
+        bound = 1 / np.sqrt(fan_in)
+        kernel, bias = np.asarray(params[layer]["kernel"]), np.asarray(params[layer]["bias"])
+        assert 0.99 * bound < np.abs(kernel).max() <= bound, layer  # uniform up to the bound (lecun normal passes it)
+        assert 0 < np.abs(bias).max() <= bound, layer  # flax's default bias would be zeros
+
+
+def test_transplant_copies_all_but_the_head_and_names_a_wrong_shape(small_transfer_model):
     _, fresh = small_transfer_model
     pretrained = jax.tree_util.tree_map(lambda x: np.full(np.shape(x), 7.0, np.float32), fresh)
     pretrained["classifier_6"] = {"kernel": np.zeros((64, 1000)), "bias": np.zeros(1000)}  # torchvision's head
     for layer in [k for k in pretrained if k.startswith("classifier_6_")]:
         del pretrained[layer]
-    merged = vgg16_transfer.transplant_backbone(pretrained, fresh)
+    merged = jaxvgg.transplant(pretrained, fresh, keep=(models.TRANSFER_PREFIX,))
     assert set(merged) == set(fresh)
     assert float(merged["features_0"]["kernel"][0, 0, 0, 0]) == 7.0
     assert merged["classifier_6_3"]["kernel"] is fresh["classifier_6_3"]["kernel"]  # the head keeps its init
     pretrained["features_0"] = {"kernel": np.zeros((3, 3, 3, 32)), "bias": np.zeros(64)}
     with pytest.raises(ValueError, match=r"features_0/kernel: expected shape \(3, 3, 3, 64\), found \(3, 3, 3, 32\)"):
-        vgg16_transfer.transplant_backbone(pretrained, fresh)
+        jaxvgg.transplant(pretrained, fresh, keep=(models.TRANSFER_PREFIX,))
+    del pretrained["features_0"]
+    with pytest.raises(ValueError, match="missing layer 'features_0'"):
+        jaxvgg.transplant(pretrained, fresh, keep=(models.TRANSFER_PREFIX,))
 
 
 def test_missing_weights_offline_tells_the_user_to_pass_weights(monkeypatch):

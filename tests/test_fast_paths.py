@@ -1,11 +1,14 @@
 """The CPU fast forms (im2col, direct and Toeplitz convs, reshape max-pool) compute what the lax forms compute."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvgg import models, runtime
+from jaxvgg import layers, models, runtime
+from jaxvgg.policy import NATIVE, YNN_FUSION_OPTION, Policy, make_policy
 
 
 def _lax_conv(x, k, p):
@@ -31,7 +34,7 @@ def test_im2col_matches_lax_conv(hw, cin, cout, kernel, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, *hw, cin)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)).astype(np.float32))
-    _assert_conv_matches_lax(models.conv_im2col, x, k, padding)
+    _assert_conv_matches_lax(layers.conv_im2col, x, k, padding)
 
 
 @pytest.mark.parametrize("hw,cout,kernel,padding", [((28, 28), 6, 5, 2), ((6, 7), 3, 3, 0), ((5, 4), 2, 1, 1)])
@@ -39,12 +42,12 @@ def test_direct_matches_lax_conv_for_single_channel_inputs(hw, cout, kernel, pad
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(3, *hw, 1)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, cout)).astype(np.float32))
-    _assert_conv_matches_lax(models.conv_direct, x, k, padding)
+    _assert_conv_matches_lax(layers.conv_direct, x, k, padding)
 
 
 def test_direct_refuses_several_input_channels():
     with pytest.raises(ValueError, match=r"single-channel inputs only; the kernel is \(3, 3, 2, 4\)"):
-        models.conv_direct(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 1)
+        layers.conv_direct(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), 1)
 
 
 @pytest.mark.parametrize("hw,cin,cout,kernel,padding", [
@@ -57,120 +60,63 @@ def test_toeplitz_matches_lax_conv(hw, cin, cout, kernel, padding):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(3, *hw, cin)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)).astype(np.float32))
-    _assert_conv_matches_lax(models.conv_toeplitz, x, k, padding)
+    _assert_conv_matches_lax(layers.conv_toeplitz, x, k, padding)
 
 
 def test_toeplitz_taps_of_a_2x2_map():
     # input pixel (r, s) reaches output pixel (p, q) through tap (r - p + 1, s - q + 1) of a 3x3 kernel
-    taps = models._toeplitz_taps(2, 2, 3, 3, 1)
+    taps = layers.toeplitz_taps(2, 2, 3, 3, 1)
     assert taps.shape == (4, 4)
     assert taps[0].tolist() == [4, 3, 1, 0]  # input (0, 0) to outputs (0, 0), (0, 1), (1, 0), (1, 1)
     assert taps[3].tolist() == [8, 7, 5, 4]
-    assert models._toeplitz_taps(3, 3, 3, 3, 1)[0, 8] == 9  # (0, 0) and (2, 2) are joined by no tap
+    assert layers.toeplitz_taps(3, 3, 3, 3, 1)[0, 8] == 9  # (0, 0) and (2, 2) are joined by no tap
 
 
-def _conv_primitives(hw, monkeypatch, mode):
-    monkeypatch.setenv(models.IMPL_ENV, mode)
-    layer = models.Conv2d(8, 3, 1)
+def _conv_primitives(hw, forms):
+    layer = layers.Conv2d(8, 3, 1, policy=Policy(forms=forms))
     x = jnp.ones((2, *hw, 4))
     variables = layer.init(jax.random.PRNGKey(0), x)
     return {str(e.primitive) for e in jax.make_jaxpr(lambda v: layer.apply(v, x, True))(variables).eqns}
 
 
-def test_conv2d_layer_picks_toeplitz_on_maps_smaller_than_its_window(monkeypatch):
-    assert "gather" in _conv_primitives((2, 2), monkeypatch, "auto")  # the Toeplitz matrix, gathered from taps
-    assert "conv_general_dilated" not in _conv_primitives((2, 2), monkeypatch, "auto")
-    assert "gather" not in _conv_primitives((4, 4), monkeypatch, "auto")  # im2col in training
-    assert "conv_general_dilated" in _conv_primitives((2, 2), monkeypatch, "native")
+def test_conv2d_layer_picks_toeplitz_on_maps_smaller_than_its_window():
+    assert "gather" in _conv_primitives((2, 2), "cpu")  # the Toeplitz matrix, gathered from taps
+    assert "conv_general_dilated" not in _conv_primitives((2, 2), "cpu")
+    assert "gather" not in _conv_primitives((4, 4), "cpu")  # im2col in training
+    assert "conv_general_dilated" in _conv_primitives((2, 2), "native")
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (2, 2), (5, 5)])
 def test_reshape_max_pool_matches_reduce_window(hw):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, *hw, 4)).astype(np.float32))
-    ref = models.max_pool_2x2(x, "reduce_window")
-    out = models.max_pool_2x2(x, "reshape")
+    ref = layers.max_pool_2x2(x, "reduce_window")
+    out = layers.max_pool_2x2(x, "reshape")
     assert out.shape == ref.shape == (3, hw[0] // 2, hw[1] // 2, 4)  # floor mode: odd edges dropped
     np.testing.assert_array_equal(out, ref)
     # without ties both gradients route to the same argmax
-    g_ref = jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v, "reduce_window") ** 2))(x)
-    g_out = jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v, "reshape") ** 2))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(v, "reduce_window") ** 2))(x)
+    g_out = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(v, "reshape") ** 2))(x)
     np.testing.assert_array_equal(g_out, g_ref)
 
 
-def test_auto_resolution_on_cpu(monkeypatch):
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
-    assert jax.default_backend() == "cpu"
-    assert models.resolve_conv_impl("auto", 32 * 32, train=True) == "im2col"
-    assert models.resolve_conv_impl("auto", 32 * 32, train=False) == "lax"
-    assert models.resolve_conv_impl("auto", 2 * 2, train=False) == "im2col"  # VGG's last block
-    assert models.resolve_conv_impl("auto", 28 * 28, train=False, in_channels=1) == "direct"  # LeNet's conv1
-    assert models.resolve_conv_impl("auto", 28 * 28, train=True, in_channels=1) == "im2col"
-    for train in (True, False):  # VGG's last block at 32x32 (2x2 maps, 3x3 taps), and its 4x4 block
-        assert models.resolve_conv_impl("auto", 4, train, 512, in_pixels=4, taps=9) == "toeplitz"
-        assert models.resolve_conv_impl("auto", 16, train, 256, in_pixels=16, taps=9) == "im2col"
-    assert models.resolve_pool_impl("auto", train=True) == "reshape"
-    assert models.resolve_pool_impl("auto", train=False) == "reduce_window"
-    assert models.resolve_conv_impl("lax", 4, train=True) == "lax"  # explicit choices are kept
-    monkeypatch.setenv(models.IMPL_ENV, "native")
-    assert models.resolve_conv_impl("auto", 4, train=True) == "lax"
-    assert models.resolve_pool_impl("auto", train=True) == "reduce_window"
-    monkeypatch.setenv(models.IMPL_ENV, "fast")
-    assert models.resolve_conv_impl("auto", 4096, train=False) == "im2col"
-    assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "direct"
-    assert models.resolve_conv_impl("auto", 4, train=False, in_channels=512, in_pixels=4, taps=9) == "toeplitz"
-    assert models.resolve_pool_impl("auto", train=False) == "reshape"
-    monkeypatch.setenv(models.IMPL_ENV, "native")
-    assert models.resolve_conv_impl("auto", 4096, train=False, in_channels=1) == "lax"
-    assert models.resolve_conv_impl("auto", 4, train=True, in_channels=512, in_pixels=4, taps=9) == "lax"
-
-
-def test_bad_impl_names_are_errors(monkeypatch):
-    with pytest.raises(ValueError, match="conv_impl='winograd'"):
-        models.resolve_conv_impl("winograd", 4, train=True)
-    with pytest.raises(ValueError, match="pool_impl='avg'"):
-        models.resolve_pool_impl("avg", train=True)
-    monkeypatch.setenv(models.IMPL_ENV, "fastest")
-    with pytest.raises(ValueError, match="JAXVGG_IMPL='fastest'"):
-        models.resolve_conv_impl("auto", 4, train=True)
-
-
-def test_compiler_options_resolution(monkeypatch):
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
-    ynn_off = {models.YNN_FUSION_OPTION: ""}
-    assert models.resolve_compiler_options("mnist_lenet", "train") == ynn_off
-    assert models.resolve_compiler_options("mnist_lenet", "infer") is None  # YNNPACK measured as fast there
-    assert models.resolve_compiler_options("transfer_head", "infer") == ynn_off
-    assert models.resolve_compiler_options("cifar_cnn", "train") is None
-    assert models.resolve_compiler_options(None, "train") is None  # a state built without a model name
-    options = models.resolve_compiler_options("vgg11", "infer")
-    options["mutated"] = True  # callers get a copy: the table stays as it is
-    assert models.resolve_compiler_options("vgg11", "infer") == ynn_off
-    monkeypatch.setenv(models.IMPL_ENV, "native")  # the forms forced off: XLA's defaults
-    assert models.resolve_compiler_options("mnist_lenet", "train") is None
-    monkeypatch.setenv(models.IMPL_ENV, "fast")
-    assert models.resolve_compiler_options("mnist_lenet", "train") == ynn_off
-    with pytest.raises(ValueError, match="mode='eval'"):
-        models.resolve_compiler_options("mnist_lenet", "eval")
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # XLA:CPU options only go to the CPU compiler
-    assert models.resolve_compiler_options("mnist_lenet", "train") is None
-
-
-def test_compiler_options_reach_xla_and_keep_the_step_s_result(monkeypatch):
+def test_compiler_options_reach_xla_and_keep_the_step_s_result():
     """LeNet's training step compiled with YNNPACK off has no YNNPACK fusion and computes the same step."""
     from jaxvgg import optim, parallel
     from jaxvgg.train import TrainState, train_step
 
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
     variables = models.init_params("mnist_lenet", jax.random.PRNGKey(0))
     rng = np.random.default_rng(4)
     batch = {"image": jnp.asarray(rng.random((16, 28, 28, 1), np.float32)),
              "label": jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))}
-    model = models.create_model("mnist_lenet")
-    state = TrainState.for_model("mnist_lenet", model, variables, optim.sgd(0.1, momentum=0.9), jax.random.PRNGKey(1))
+    tuned = make_policy("mnist_lenet", forms="cpu", backend="cpu")
+    assert tuned.compiler_options("train") == {YNN_FUSION_OPTION: ""}
     mesh = parallel.make_mesh(1)
     results, texts = [], []
-    for options in (None, models.resolve_compiler_options(state.model, "train")):
-        step = parallel.data_parallel(train_step, mesh, donate_state=False, compiler_options=options)
+    for policy in (dataclasses.replace(tuned, train_options=()), tuned):
+        model = models.create_model("mnist_lenet", policy=policy)
+        state = TrainState.for_model("mnist_lenet", model, variables, optim.sgd(0.1, momentum=0.9),
+                                     jax.random.PRNGKey(1))
+        step = parallel.compile_step(train_step, state.policy, "train", mesh)
         texts.append(step.lower(state, batch).compile().as_text())
         results.append(step(state, batch))
     assert "__ynn_fusion" in texts[0] and "__ynn_fusion" not in texts[1]
@@ -180,35 +126,32 @@ def test_compiler_options_reach_xla_and_keep_the_step_s_result(monkeypatch):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_fit_compiles_with_the_model_s_options(monkeypatch):
-    """`fit` asks for the state's model's train and infer options (and None for an unnamed state)."""
+def test_fit_compiles_with_the_state_s_policy(monkeypatch):
+    """`fit` compiles its steps through `compile_step` with the state's policy, for training and inference."""
     from jaxvgg import data, optim, parallel
     from jaxvgg.train import FitConfig, TrainState, fit
 
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
     seen = []
-    for name in ("data_parallel", "data_parallel_eval"):
-        real = getattr(parallel, name)
+    real = parallel.compile_step
 
-        def spy(fn, mesh, *, _real=real, _name=name, compiler_options=None, **kwargs):
-            seen.append((_name, compiler_options))
-            return _real(fn, mesh, compiler_options=compiler_options, **kwargs)
+    def spy(fn, policy, mode, mesh=None, **kwargs):
+        seen.append((policy, mode))
+        return real(fn, policy, mode, mesh, **kwargs)
 
-        monkeypatch.setattr(parallel, name, spy)
+    monkeypatch.setattr(parallel, "compile_step", spy)
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
     dataset = data.Dataset(images, rng.integers(0, 10, 8).astype(np.int32), tuple(str(i) for i in range(10)))
-    model = models.create_model("mnist_lenet")
     variables = models.init_params("mnist_lenet", jax.random.PRNGKey(0))
     to_float = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
-    for named in (True, False):
+    for policy in (make_policy("mnist_lenet", forms="cpu", backend="cpu"), NATIVE):
+        model = models.create_model("mnist_lenet", policy=policy)
         state = TrainState.for_model("mnist_lenet", model, variables, optim.sgd(0.01), jax.random.PRNGKey(1))
-        state = state if named else state.replace(model=None)
+        assert state.policy == policy
         seen.clear()
         fit(state, dataset, dataset, FitConfig(epochs=1, batch_size=4, quiet=True, num_devices=1),
             train_transform=lambda key, x: to_float(x), eval_transform=to_float)
-        ynn_off = {models.YNN_FUSION_OPTION: ""} if named else None
-        assert seen == [("data_parallel", ynn_off), ("data_parallel_eval", None)]
+        assert seen == [(policy, "train"), (policy, "infer")]
 
 
 @pytest.mark.parametrize("name", ["cifar_cnn", "mnist_lenet", "vgg11"])
@@ -218,8 +161,8 @@ def test_models_agree_across_forms(name):
     variables = models.init_params(name, jax.random.PRNGKey(0), num_classes=10, input_shape=shape)
     x = jnp.asarray(np.random.default_rng(2).random((2, *shape), np.float32))
     results = []
-    for conv, pool in (("lax", "reduce_window"), ("im2col", "reshape")):
-        model = models.create_model(name, num_classes=10, conv_impl=conv, pool_impl=pool)
+    for policy in (NATIVE, Policy(forms="fast")):
+        model = models.create_model(name, num_classes=10, policy=policy)
         out = model.apply(variables, x)
         grad = jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2))(variables)
         results.append((out, grad))

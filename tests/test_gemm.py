@@ -1,6 +1,7 @@
 """MKL's sgemm as an XLA custom call (jaxvgg.gemm) computes XLA's products, gradients included."""
 
 import platform
+import subprocess
 import sys
 
 import jax
@@ -8,21 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from functools import partial
+
 from jaxvgg import gemm, models
+from jaxvgg.policy import Policy
 
 ON_X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
 
 
 @pytest.fixture
-def mkl(monkeypatch):
-    """Forces the MKL backend for the test (its traces are not reused by other tests)."""
-    if gemm._load() is not None and not ON_X86_LINUX:
-        pytest.skip(gemm._load())
-    monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
+def mkl():
+    """Skips where MKL's handler cannot be built; the tests pass backend="mkl" explicitly."""
+    if gemm.problem() is not None and not ON_X86_LINUX:
+        pytest.skip(gemm.problem())
 
 
 def _rand(*shape, seed=0):
@@ -33,18 +32,18 @@ def test_the_handler_is_built_where_setup_builds_it():
     # scripts/setup.sh builds it on x86-64 Linux (CI included), so every other test here runs there
     if not ON_X86_LINUX:
         pytest.skip("MKL wheels and the build script are for x86-64 Linux")
-    assert gemm._load() is None, gemm._load()
+    assert gemm.problem() is None, gemm.problem()
 
 
 @pytest.mark.parametrize("m,k,n", [(300, 200, 100), (1, 4096, 256), (2048, 27, 64), (7, 1, 5), (0, 3, 4), (2, 0, 4)])
 def test_matmul_and_its_gradients_match_float64_products(mkl, m, k, n):
     a, b = _rand(m, k, seed=1), _rand(k, n, seed=2)
-    f = jax.jit(gemm.matmul)
+    f = jax.jit(partial(gemm.matmul, backend="mkl"))
     assert "jaxvgg_mkl_sgemm" in f.lower(a, b).as_text()
     want = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
     np.testing.assert_allclose(f(a, b), want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max(initial=0)))
     c = _rand(m, n, seed=3)  # the cotangent: then the gradients are c @ b^T and a^T @ c, pure products
-    g = jax.jit(jax.grad(lambda a, b: jnp.sum(gemm.matmul(a, b) * c), argnums=(0, 1)))(a, b)
+    g = jax.jit(jax.grad(lambda a, b: jnp.sum(gemm.matmul(a, b, "mkl") * c), argnums=(0, 1)))(a, b)
     a64, b64, c64 = (np.asarray(v, np.float64) for v in (a, b, c))
     for got, want in zip(g, (c64 @ b64.T, a64.T @ c64)):
         assert got.shape == want.shape
@@ -54,83 +53,77 @@ def test_matmul_and_its_gradients_match_float64_products(mkl, m, k, n):
 def test_dot_general_routes_only_plain_float32_products(mkl):
     a, b = _rand(8, 6), _rand(6, 5)
     plain = (((1,), (0,)), ((), ()))
-    hlo = jax.jit(lambda a, b: gemm.dot_general(a, b, plain)).lower(a, b).as_text()
+    mkl_dot = gemm.dot_general_for("mkl")
+    assert mkl_dot is gemm.dot_general_for("mkl")  # one object per backend: modules holding it compare equal
+    hlo = jax.jit(lambda a, b: mkl_dot(a, b, plain)).lower(a, b).as_text()
     assert "jaxvgg_mkl_sgemm" in hlo
-    np.testing.assert_allclose(gemm.dot_general(a, b, plain), a @ b, rtol=1e-5, atol=1e-5)
+    assert "jaxvgg_mkl_sgemm" not in jax.jit(lambda a, b: gemm.dot_general(a, b, plain)).lower(a, b).as_text()
+    np.testing.assert_allclose(mkl_dot(a, b, plain), a @ b, rtol=1e-5, atol=1e-5)
     others = [  # (lhs, rhs, dimension numbers): batched, transposed contraction, bfloat16 -> XLA's dot
         (_rand(3, 8, 6), _rand(3, 6, 5), (((2,), (1,)), ((0,), (0,)))),
         (a, _rand(5, 6), (((1,), (1,)), ((), ()))),
         (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), plain),
     ]
     for lhs, rhs, dims in others:
-        text = jax.jit(lambda x, y, d=dims: gemm.dot_general(x, y, d)).lower(lhs, rhs).as_text()
+        text = jax.jit(lambda x, y, d=dims: mkl_dot(x, y, d)).lower(lhs, rhs).as_text()
         assert "jaxvgg_mkl_sgemm" not in text
-        np.testing.assert_array_equal(gemm.dot_general(lhs, rhs, dims), jax.lax.dot_general(lhs, rhs, dims))
+        np.testing.assert_array_equal(mkl_dot(lhs, rhs, dims), jax.lax.dot_general(lhs, rhs, dims))
 
 
 def test_vmap_of_matmul_runs_one_product_per_element(mkl):
     a, b = _rand(3, 4, 6), _rand(3, 6, 2)
-    np.testing.assert_allclose(jax.vmap(gemm.matmul)(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(partial(gemm.matmul, backend="mkl"))(a, b), a @ b, rtol=1e-5, atol=1e-5)
 
 
-def test_backend_resolution(monkeypatch):
-    monkeypatch.delenv(models.IMPL_ENV, raising=False)
-    monkeypatch.setenv(gemm.GEMM_ENV, "xla")
-    assert gemm.backend() == "xla"
-    monkeypatch.setenv(gemm.GEMM_ENV, "cublas")
-    with pytest.raises(ValueError, match="JAXVGG_GEMM='cublas'"):
-        gemm.backend()
-    monkeypatch.setenv(gemm.GEMM_ENV, "auto")
-    assert gemm.backend() == ("mkl" if gemm._load() is None else "xla")
-    monkeypatch.setenv(models.IMPL_ENV, "native")  # plain JAX: XLA's dots
-    assert gemm.backend() == "xla"
-    monkeypatch.setenv(models.IMPL_ENV, "fast")
-    assert gemm.backend() == ("mkl" if gemm._load() is None else "xla")
-    monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # no partitioning rule: several devices keep XLA's
-    assert gemm.backend() == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
-    assert gemm.backend() == "xla"
-
-
-def test_forcing_mkl_without_the_handler_names_the_library(monkeypatch):
-    monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
-    monkeypatch.setattr(gemm, "_load", lambda: f"{gemm.LIBRARY} is not built (bash scripts/build_gemm.sh)")
+def test_bad_backend_and_missing_handler_are_errors(monkeypatch):
+    with pytest.raises(ValueError, match="'cublas'"):
+        gemm.matmul(_rand(2, 2), _rand(2, 2), "cublas")
+    with pytest.raises(ValueError, match="'cublas'"):
+        gemm.dot_general_for("cublas")
+    monkeypatch.setattr(gemm, "problem", lambda: f"{gemm.LIBRARY} is not built (bash scripts/build_gemm.sh)")
     with pytest.raises(RuntimeError, match="libjaxvgg_gemm.so is not built"):
-        gemm.backend()
-    monkeypatch.setenv(gemm.GEMM_ENV, "auto")
-    assert gemm.backend() == "xla"  # auto falls back
+        gemm.matmul(_rand(2, 2), _rand(2, 2), "mkl")
+    np.testing.assert_array_equal(gemm.matmul(_rand(2, 2), _rand(2, 3), "xla"), _rand(2, 2) @ _rand(2, 3))
 
 
 @pytest.mark.parametrize("name,hw", [("cifar_cnn", 32), ("mnist_lenet", 28)])
-def test_models_train_the_same_with_either_backend(mkl, monkeypatch, name, hw):
+def test_models_train_the_same_with_either_backend(mkl, name, hw):
     """The loss and gradient of a whole model: MKL's products against XLA's, same parameters."""
-    model = models.create_model(name)
     x = _rand(4, hw, hw, 3 if name == "cifar_cnn" else 1, seed=3)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = models.init_params(name, jax.random.PRNGKey(0), input_shape=x.shape[1:])
 
-    def grads():
-        jax.clear_caches()
+    def grads(backend):
+        model = models.create_model(name, policy=Policy(forms="cpu", gemm=backend))
         loss = lambda v: -jnp.mean(model.apply(v, x, train=True)[:, 0])  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(variables)
 
-    monkeypatch.setenv(gemm.GEMM_ENV, "xla")
-    ref_loss, ref = grads()
-    monkeypatch.setenv(gemm.GEMM_ENV, "mkl")
-    out_loss, out = grads()
+    ref_loss, ref = grads("xla")
+    out_loss, out = grads("mkl")
     np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5, atol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree_util.tree_leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_every_dense_layer_of_the_models_and_the_transfer_head_goes_through_mkl(mkl):
-    from experiments.vgg16_transfer import TransferHead
+    policy = Policy(forms="cpu", gemm="mkl")
 
-    def sgemm_calls(module, x):
+    def sgemm_calls(name, x):
+        module = models.create_model(name, policy=policy)
         variables = jax.jit(module.init)(jax.random.PRNGKey(0), x)
         return jax.jit(module.apply).lower(variables, x).as_text().count(f"@{gemm.FFI_TARGET}(")
 
-    assert sgemm_calls(TransferHead(10), jnp.zeros((2, 4096))) == 2
-    assert sgemm_calls(models.create_model("mnist_linear"), jnp.zeros((2, 28, 28, 1))) == 1
+    assert sgemm_calls("transfer_head", jnp.zeros((2, 4096))) == 2
+    assert sgemm_calls("mnist_linear", jnp.zeros((2, 28, 28, 1))) == 1
     # LeNet in inference: conv1 direct (no product), conv2 by lax.conv above 64 output pixels, 3 Dense
-    assert sgemm_calls(models.create_model("mnist_lenet"), jnp.zeros((2, 28, 28, 1))) == 3
+    assert sgemm_calls("mnist_lenet", jnp.zeros((2, 28, 28, 1))) == 3
+
+
+def test_mkl_products_are_right_beside_torch_loaded_first(mkl):
+    """torch ships its own MKL and OpenMP; loaded first, they must not change what this library's sgemm computes."""
+    pytest.importorskip("torch")
+    code = ("import torch; import numpy as np, jax.numpy as jnp; from jaxvgg import gemm; "
+            "a = np.random.default_rng(0).random((300, 200), np.float32); "
+            "b = np.random.default_rng(1).random((200, 100), np.float32); "
+            "diff = float(np.abs(np.asarray(gemm.matmul(jnp.asarray(a), jnp.asarray(b), 'mkl')) - a @ b).max()); "
+            "assert diff < 1e-3, diff")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

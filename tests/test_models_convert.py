@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxvgg
-from jaxvgg import convert, models
+from jaxvgg import convert, layers, models
 
 
 def _random_state(name: str, seed: int = 0, **kw) -> dict[str, np.ndarray]:
@@ -121,7 +121,7 @@ def _torch_adaptive_avg_pool_reference(x: np.ndarray, out: tuple[int, int]) -> n
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (7, 7), (9, 14)])
 def test_adaptive_avg_pool_matches_torch_bins(hw):
     x = np.random.default_rng(0).standard_normal((2, *hw, 3)).astype(np.float32)
-    got = np.asarray(models.adaptive_avg_pool(jnp.asarray(x), (7, 7)))
+    got = np.asarray(layers.adaptive_avg_pool(jnp.asarray(x), (7, 7)))
     np.testing.assert_allclose(got, _torch_adaptive_avg_pool_reference(x, (7, 7)), rtol=1e-6, atol=1e-6)
 
 

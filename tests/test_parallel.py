@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvgg import parallel
+from jaxvgg import data, parallel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # float32: the 2-device all-reduce adds per-device partial sums in another order
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import jaxvgg
-from jaxvgg import optim, parallel
+from jaxvgg import data, optim, parallel
 from jaxvgg.train import TrainState, eval_step, train_step
 
 NAME, STEPS, BATCH = "mnist_lenet", 5, 8
@@ -48,7 +48,7 @@ def fresh_state():
 def run(num_devices):
     mesh = parallel.make_mesh(num_devices)
     state = parallel.replicate(fresh_state(), mesh)
-    step = parallel.data_parallel(train_step, mesh)
+    step = parallel.compile_step(train_step, state.policy, "train", mesh, donate_state=True)
     metrics, devices_used = [], set()
     for batch in batches:
         sharded = parallel.shard_batch(batch, mesh)
@@ -84,8 +84,8 @@ state = fresh_state()
 predicted = np.asarray(jnp.argmax(state.apply_fn({"params": state.params}, partial["image"]), -1))
 partial["label"][::2] = predicted[::2]  # examples 0, 2, 4, 6 correct, so a counted pad copy of 6 would show
 unpadded = {k: float(v) for k, v in jax.jit(eval_step)(state, partial).items()}
-evaluate = parallel.data_parallel_eval(eval_step, mesh)
-padded_batch = parallel.shard_batch(parallel.pad_batch(partial, mesh.size), mesh)
+evaluate = parallel.compile_step(eval_step, state.policy, "infer", mesh)
+padded_batch = parallel.shard_batch(data.pad_batch(partial, mesh.size), mesh)
 padded = {k: float(v) for k, v in evaluate(parallel.replicate(state, mesh), padded_batch).items()}
 
 print(json.dumps({
@@ -140,7 +140,7 @@ def test_eval_sums_over_a_padded_partial_batch_equal_the_unpadded_ones(two_devic
 
 def test_pad_batch_repeats_the_last_example_with_mask_zero():
     batch = {"image": np.arange(5 * 2, dtype=np.float32).reshape(5, 2), "label": np.arange(5, dtype=np.int32)}
-    padded = parallel.pad_batch(batch, 4)
+    padded = data.pad_batch(batch, 4)
     assert padded["image"].shape == (8, 2) and isinstance(padded["image"], np.ndarray)
     np.testing.assert_array_equal(padded["image"][:5], batch["image"])
     np.testing.assert_array_equal(padded["image"][5:], np.repeat(batch["image"][-1:], 3, axis=0))
@@ -150,8 +150,8 @@ def test_pad_batch_repeats_the_last_example_with_mask_zero():
 
 def test_pad_batch_extends_an_existing_mask_and_keeps_full_batches():
     batch = {"image": jnp.ones((3, 2)), "label": jnp.arange(3), "mask": jnp.asarray([1.0, 0.0, 1.0])}
-    np.testing.assert_array_equal(parallel.pad_batch(batch, 2)["mask"], [1, 0, 1, 0])
-    full = parallel.pad_batch({"image": np.ones((4, 2)), "label": np.arange(4)}, 2)
+    np.testing.assert_array_equal(data.pad_batch(batch, 2)["mask"], [1, 0, 1, 0])
+    full = data.pad_batch({"image": np.ones((4, 2)), "label": np.arange(4)}, 2)
     assert full["image"].shape == (4, 2)
     np.testing.assert_array_equal(full["mask"], np.ones(4))  # same pytree as a padded batch
 

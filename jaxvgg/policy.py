@@ -1,0 +1,141 @@
+"""How a model runs, as one explicit value: conv/pool forms, matrix-product backend, XLA compile options.
+
+A `Policy` never changes *what* a network computes (the parity suite runs both the native and the
+fast policy against PyTorch), only how fast. It is a frozen, hashable dataclass held by every model as
+a module attribute, so it is part of the module's identity and of every jit cache key: two models that
+differ only in their policy trace to two programs. Nothing here reads the environment; "auto" is
+resolved once, when `make_policy` builds the value, from the JAX backend and what is installed.
+
+Forms:
+  "native": lax.conv and reduce_window max-pools, XLA's dots and default compile options; what GPU and
+    TPU compilers are tuned for, and plain JAX anywhere.
+  "cpu": per layer, the form measured fastest on XLA:CPU (`Policy.conv_form`): im2col convs in
+    training, im2col in inference for small maps (lax.conv for large ones), the Toeplitz form on maps
+    smaller than the kernel's window, the direct form for single-channel inputs in inference; reshape
+    max-pools in training; each model's XLA:CPU compile options (`CPU_COMPILER_OPTIONS`).
+  "fast": every CPU fast form forced, in training and inference alike (the parity suite's second form).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxvgg import gemm
+
+FORMS = ("native", "cpu", "fast")
+CONV_FORMS = ("lax", "im2col", "direct", "toeplitz")
+POOL_FORMS = ("reduce_window", "reshape")
+MODES = ("train", "infer")
+# In inference, im2col wins on the CPU below this many output pixels per image (VGG's 8x8 and 4x4
+# blocks); lax.conv elsewhere (up to 2x for the CIFAR CNN). In training, im2col wins everywhere measured.
+IM2COL_MAX_INFER_PIXELS = 64
+
+# XLA:CPU hands dots, convolutions and the element-wise ops around them to YNNPACK by default. For some
+# (model, mode) pairs Eigen's kernels and XLA's own loop emitters are faster (JAX-only A/B runs on the
+# 2-core Xeon: LeNet training +20-30 %, VGG-A inference at 32x32 and the transfer head's inference
+# +10-18 %); for the other pairs YNNPACK was as fast or faster. See docs/performance.md.
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNNPACK_OFF = ((YNN_FUSION_OPTION, ""),)
+CPU_COMPILER_OPTIONS: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {
+    ("mnist_lenet", "train"): _YNNPACK_OFF,
+    ("vgg11", "infer"): _YNNPACK_OFF,
+    ("transfer_head", "infer"): _YNNPACK_OFF,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a model computes (never what): resolved forms, GEMM backend and per-mode XLA options.
+
+    Attributes:
+      forms: "native", "cpu" or "fast" (module docstring).
+      gemm: "xla" (XLA's dots) or "mkl" (MKL's sgemm through `jaxvgg.gemm`, float32 products).
+      train_options / infer_options: XLA compile options for the model's training / inference
+        programs, as sorted (name, value) pairs so the policy stays hashable.
+    """
+
+    forms: str = "native"
+    gemm: str = "xla"
+    train_options: tuple[tuple[str, Any], ...] = ()
+    infer_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.forms not in FORMS:
+            raise ValueError(f"Policy.forms={self.forms!r}; expected one of {', '.join(FORMS)}")
+        if self.gemm not in gemm.BACKENDS:
+            raise ValueError(f"Policy.gemm={self.gemm!r}; expected one of {', '.join(gemm.BACKENDS)}")
+
+    def conv_form(self, out_pixels: int, train: bool, in_channels: int = 0, in_pixels: int = 0,
+                  taps: int = 0) -> str:
+        """The conv form ("lax", "im2col", "direct", "toeplitz") of a stride-1 layer.
+
+        ``out_pixels`` and ``in_pixels`` are H*W of its output and input maps, ``taps`` kh*kw (0: unknown).
+        """
+        if self.forms == "native":
+            return "lax"
+        if 0 < in_pixels < taps:
+            return "toeplitz"  # every output window covers the whole map: skip im2col's padding zeros
+        if in_channels == 1 and not train:
+            return "direct"
+        if self.forms == "fast" or train or out_pixels <= IM2COL_MAX_INFER_PIXELS:
+            return "im2col"
+        return "lax"
+
+    def pool_form(self, train: bool) -> str:
+        """The 2x2 max-pool form ("reduce_window" or "reshape")."""
+        if self.forms == "native":
+            return "reduce_window"
+        return "reshape" if self.forms == "fast" or train else "reduce_window"
+
+    def compiler_options(self, mode: str) -> dict[str, Any] | None:
+        """XLA compile options for this model's ``mode`` ("train" or "infer") programs; None: XLA's defaults."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {', '.join(MODES)}")
+        options = self.train_options if mode == "train" else self.infer_options
+        return dict(options) or None
+
+    def describe(self) -> str:
+        """One line for logs: forms, GEMM and whether compile options are set."""
+        options = [mode for mode in MODES if self.compiler_options(mode)]
+        return (f"forms {self.forms}, GEMM {self.gemm}"
+                + (f", XLA:CPU options for {' and '.join(options)}" if options else ""))
+
+
+NATIVE = Policy()
+
+
+def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str = "auto",
+                backend: str | None = None, num_devices: int | None = None) -> Policy:
+    """Resolves "auto" choices into a `Policy` for ``model`` (a registry name; None: no compile options).
+
+    Args:
+      model: picks the model's XLA:CPU options from `CPU_COMPILER_OPTIONS` under the CPU forms.
+      forms: "auto" ("cpu" on the CPU backend, "native" elsewhere) or one of `FORMS`.
+      gemm_backend: "auto" (MKL where its handler is built, on the CPU, with one device and forms other
+        than native), "xla" or "mkl" (an error where MKL cannot run).
+      backend: JAX backend name; default ``jax.default_backend()``.
+      num_devices: devices the program will span; default ``jax.device_count()``. MKL's custom call has
+        no partitioning rule, so several devices keep XLA's dots.
+    """
+    backend = backend or jax.default_backend()
+    if forms == "auto":
+        forms = "cpu" if backend == "cpu" else "native"
+    if forms not in FORMS:
+        raise ValueError(f"forms={forms!r}; expected auto or one of {', '.join(FORMS)}")
+    if gemm_backend not in ("auto", *gemm.BACKENDS):
+        raise ValueError(f"gemm={gemm_backend!r}; expected auto or one of {', '.join(gemm.BACKENDS)}")
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    if gemm_backend == "auto":
+        usable = backend == "cpu" and forms != "native" and num_devices == 1
+        gemm_backend = "mkl" if usable and gemm.problem() is None else "xla"
+    elif gemm_backend == "mkl":
+        if backend != "cpu":
+            raise ValueError(f"gemm=mkl runs on the CPU only; the backend is {backend}")
+        if gemm.problem() is not None:
+            raise RuntimeError(f"gemm=mkl, but {gemm.problem()}")
+    options = {mode: CPU_COMPILER_OPTIONS.get((model, mode), ()) if backend == "cpu" and forms != "native" else ()
+               for mode in MODES}
+    return Policy(forms, gemm_backend, options["train"], options["infer"])

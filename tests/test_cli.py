@@ -1,0 +1,101 @@
+"""Every experiment's command line: --help, and each bad value ends in one line `error: --flag: why (got VALUE)`
+with exit status 2 before any data is read or anything compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark"]
+# the allocator re-exec is the experiments' own business; off here, so each case starts Python once
+ENV = {**os.environ, "JAXVGG_ALLOCATOR": "system", "JAXVGG_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_command_has_help(module):
+    out = _run(module, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--seed" in out.stdout or "--rounds" in out.stdout
+
+
+BAD_VALUES = [  # (module, flag, value, what the message must say)
+    ("cifar_vgg", "--epochs", "-1", "must be >= 1"),
+    ("cifar_vgg", "--epochs", "0", "must be >= 1"),
+    ("cifar_vgg", "--batch-size", "0", "must be >= 1"),
+    ("cifar_vgg", "--limit", "0", "must be >= 1"),
+    ("cifar_vgg", "--lr", "-1", "finite number > 0"),
+    ("cifar_vgg", "--lr", "nan", "finite number > 0"),
+    ("cifar_vgg", "--lr", "inf", "finite number > 0"),
+    ("cifar_vgg", "--momentum", "1.5", "must be in [0, 1)"),
+    ("cifar_vgg", "--weight-decay", "-0.1", "must be in [0, inf)"),
+    ("cifar_vgg", "--label-smoothing", "1", "must be in [0, 1)"),
+    ("cifar_vgg", "--dropout", "-0.5", "must be in [0, 1)"),
+    ("cifar_vgg", "--val-fraction", "0", "must be in (0, 1)"),
+    ("cifar_vgg", "--val-fraction", "1", "must be in (0, 1)"),
+    ("cifar_vgg", "--plateau-patience", "-2", "must be >= 0"),
+    ("cifar_cnn", "--epochs", "0", "must be >= 1"),
+    ("cifar_cnn", "--loss-window", "0", "must be >= 1"),
+    ("mnist", "--lr", "0", "finite number > 0"),
+    ("mnist", "--range-max-lr", "1e-6", "must exceed --range-min-lr"),
+    ("mnist", "--batch-size", "-64", "must be >= 1"),
+    ("lr_range", "--num-steps", "1", "must be >= 2"),
+    ("lr_range", "--smoothing", "0", "must be in (0, 1]"),
+    ("vgga_transfer", "--patience", "0", "must be >= 1"),
+    ("vgga_transfer", "--lr", "-0.001", "finite number > 0"),
+    ("vgg16_transfer", "--tta", "-1", "must be >= 0"),
+    ("vgg16_transfer", "--load-size", "100", "must be >= 256"),
+    ("benchmark", "--rounds", "0", "must be >= 1"),
+    ("benchmark", "--models", "resnet50", "expected a comma list"),
+]
+
+
+@pytest.mark.parametrize("module,flag,value,why", BAD_VALUES, ids=[f"{m}{f}={v}" for m, f, v, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_naming_the_flag_and_exit_status_2(module, flag, value, why, tmp_path):
+    started = time.perf_counter()
+    workdir = [] if module == "benchmark" else ["--workdir", str(tmp_path / "run")]
+    out = _run(module, flag, value, *workdir, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0] == f"error: {flag}: {lines[0].split(': ', 2)[2]}" and why in lines[0], lines[0]
+    assert lines[0].endswith(f"(got {value})"), lines[0]
+    assert not (tmp_path / "run").exists()  # nothing was written
+    assert time.perf_counter() - started < 60  # refused before any data set was read
+
+
+def test_a_workdir_with_another_run_is_refused_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"epochs": 3, "lr": 0.01}))
+    out = _run("cifar_vgg", "--workdir", str(workdir), "--data-dir", str(tmp_path / "nothing-here"), cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: --workdir: holds a run with another config") and "lr" in out.stderr
+    assert json.loads((workdir / "config.json").read_text()) == {"epochs": 3, "lr": 0.01}  # the earlier run is kept
+
+
+def test_a_missing_data_set_is_one_line(tmp_path):
+    out = _run("mnist", "--data-dir", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nowhere" in out.stderr
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cifar-10-binary.tar.gz").exists(),
+                    reason="needs ../shared/data")
+def test_a_batch_larger_than_the_limited_training_split_is_one_line(tmp_path):
+    out = _run("cifar_vgg", "--data-dir", str(ROOT.parent / "shared" / "data"), "--limit", "100", "--batch-size", "128",
+               "--workdir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == ("error: --batch-size: larger than the 90 training images "
+                                  "(raise --limit or lower it) (got 128)")
