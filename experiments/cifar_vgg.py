@@ -1,7 +1,8 @@
 """VGG-A (VGG11) on CIFAR-10: the main job.
 
     python -m experiments.cifar_vgg --workdir runs/cifar_vgg            # defaults below
-    python -m experiments.cifar_vgg --schedule plateau --epochs 74      # the paper's recipe
+    python -m experiments.cifar_vgg --schedule plateau --lr 0.01 --nesterov false --label-smoothing 0 \\
+        --epochs 74 --workdir runs/cifar_vgg_paper                      # the paper's recipe
     python -m experiments.cifar_vgg --limit 512 --epochs 1              # a quick look
 
 Leaves in --workdir: config.json, history.json, checkpoints/, history.png, confusion_matrix.png,

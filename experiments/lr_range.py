@@ -1,7 +1,7 @@
 """Learning-rate range test (Smith, Super-Convergence Fig. 2a) for any model and data set of the project.
 
-    python -m experiments.lr_range --model mnist_lenet --dataset mnist --data-dir /work/shared/data/mnist
-    python -m experiments.lr_range --model vgg11 --dataset cifar10 --data-dir /work/shared/data --max-lr 1
+    python -m experiments.lr_range --model mnist_lenet --dataset mnist --data-dir ../shared/data/mnist
+    python -m experiments.lr_range --model vgg11 --dataset cifar10 --data-dir ../shared/data --max-lr 1
 
 One epoch of the (seeded 90%) training split with the lr rising exponentially from --min-lr to
 --max-lr, one step per batch, stopped early once the smoothed loss exceeds 4x its best value.

@@ -1,6 +1,6 @@
 """The MNIST lab: LeNet (or the linear baseline) with an lr from the range test, then the analysis.
 
-    python -m experiments.mnist --data-dir /work/shared/data/mnist                  # 30 epochs, lr from the test
+    python -m experiments.mnist --data-dir ../shared/data/mnist                     # 30 epochs, lr from the test
     python -m experiments.mnist --data-dir DIR --lr 0.01 --optimizer adam          # skip the range test
     python -m experiments.mnist --data-dir DIR --compare-half-lr true              # a second run at lr / 2
     python -m experiments.mnist --data-dir DIR --limit 600 --epochs 1              # a quick look

@@ -21,8 +21,8 @@ With one device the mesh has a single entry, every sharding is trivial and the c
 the plain single-device one: the same code path, no special case.
 
 A global batch must divide evenly over the devices. Pad a final partial batch with
-`jaxvgg.data.pad_batch`: it repeats the last example and marks the copies with ``mask = 0``, which ``train_step`` and
-``eval_step`` exclude from means and sums, so padded results equal unpadded ones.
+`jaxvgg.data.pad_batch`: it repeats the last example and marks the copies with ``mask = 0``, which
+``train_step`` and ``eval_step`` exclude from means and sums, so padded results equal unpadded ones.
 
     mesh = make_mesh()
     state = replicate(state, mesh)

@@ -9,7 +9,7 @@ change the function computed. Tests in
 (recorded as "native"); the fast-form copies of the 10-step optimizer runs are marked slow.
 
 The report goes to ``$JAXVGG_PARITY_REPORT`` (default ``build/parity_report.json``);
-``python -m parity_tests.report`` renders it as the README's markdown table.
+``python -m parity_tests.report`` renders it as markdown (``--out docs/parity.md``: the whole page).
 """
 
 from __future__ import annotations
