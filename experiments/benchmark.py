@@ -9,11 +9,11 @@ frameworks start from the same weights (converted with `jaxvgg.to_torch`) and ru
 round; the rounds alternate which framework goes first, so a neighbour taking a core hurts both. The
 table gives the median images/s of each, their ratio with its range over rounds, the achieved GFLOP/s
 (forward FLOPs as XLA counts them in the native-form program, x3 for a training step) against a
-float32 matmul peak measured here, and the XLA compile time of the first step. The JAX steps are compiled as `jaxvgg.train.fit`
-compiles them, by `jaxvgg.parallel.compile_step` with the model's policy: its XLA:CPU options (the
-table's "XLA:CPU" column) and matrix products (`jaxvgg.gemm`: MKL's sgemm where built, the "GEMM"
-column); ``JAXVGG_IMPL=native`` turns both off with the CPU conv forms. The machinery lives in
-`jaxvgg.benchmark`.
+float32 matmul peak measured here, and the XLA compile time of the first step. The JAX steps are
+compiled as `jaxvgg.train.fit` compiles them, by `jaxvgg.parallel.compile_step` with the model's
+policy: its XLA:CPU options (the table's "XLA:CPU" column) and matrix products (`jaxvgg.gemm`: MKL's
+sgemm where built, the "GEMM" column); ``JAXVGG_IMPL=native`` turns both off with the CPU conv forms.
+The machinery lives in `jaxvgg.benchmark`.
 
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The

@@ -50,40 +50,33 @@ def _eqn_flops(eqn: Any) -> float:
     return 0.0
 
 
-def jaxpr_flops(jaxpr: Any) -> float:
-    """Multiply-add FLOPs (2 per MAC) of the matmuls and convolutions in a (closed) jaxpr, sub-jaxprs included."""
+def _all_eqns(jaxpr: Any):
+    """Every equation of a (closed) jaxpr, those of its sub-jaxprs included."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
     for eqn in jaxpr.eqns:
-        total += _eqn_flops(eqn)
+        yield eqn
         for param in eqn.params.values():
             for sub in (param if isinstance(param, (list, tuple)) else [param]):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    total += jaxpr_flops(sub)
-    return total
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    yield from _all_eqns(sub)
+
+
+def jaxpr_flops(jaxpr: Any) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the matmuls and convolutions in a (closed) jaxpr, sub-jaxprs included."""
+    return sum(_eqn_flops(eqn) for eqn in _all_eqns(jaxpr))
 
 
 def program_flops(fn: Callable, *args: Any) -> float:
     """FLOPs of ``fn(*args)`` as XLA counts them (``compiled.cost_analysis()``: every op, element-wise ones
     included), plus our count of MKL's sgemm custom calls, which XLA cannot see into."""
-    compiled = jax.jit(fn).lower(*args).compile()
+    traced = jax.jit(fn).trace(*args)  # one trace for both counts
+    compiled = traced.lower().compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    custom = sum(_eqn_flops(eqn) for eqn in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-                 if eqn.primitive.name == "ffi_call")
+    custom = sum(_eqn_flops(eqn) for eqn in _all_eqns(traced.jaxpr) if eqn.primitive.name == "ffi_call")
     # XLA counts each custom call it cannot see into as -1 FLOP: take those back out
     unknown = compiled.as_text().count(f'custom_call_target="{gemm.FFI_TARGET}"')
     return float(analysis.get("flops", 0.0)) + unknown + custom
-
-
-def _all_eqns(jaxpr: Any):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in (param if isinstance(param, (list, tuple)) else [param]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)
 
 
 def model_flops(case: Case, x: np.ndarray) -> float:
