@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from jaxvgg import data, runtime
-from jaxvgg.checkpoint import write_json
+from jaxvgg.checkpoint import saved_epochs, write_json
 from jaxvgg.policy import Policy, make_policy
 
 C = TypeVar("C")
@@ -174,8 +174,7 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra
         if changed:
             raise ConfigError("workdir", f"holds a run with another config ({', '.join(sorted(changed))} differ); "
                                          "choose another --workdir", str(workdir))
-    checkpoints = path / "checkpoints" / "last"
-    if not resume and checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+    if not resume and saved_epochs(path / "checkpoints"):
         raise ConfigError("workdir", "holds the checkpoints of a run; pass --resume true to continue it or choose "
                                      "another --workdir", str(workdir))
     path.mkdir(parents=True, exist_ok=True)
@@ -228,6 +227,14 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     return 0
 
 
+def split_train_val(train_all: Any, val_fraction: float, seed: int, limit: int | None) -> tuple[Any, Any]:
+    """`data.train_val_split`; too few images for a split is a `ConfigError` on --limit, which chose them."""
+    try:
+        return data.train_val_split(train_all, val_fraction, seed=seed)
+    except ValueError as e:
+        raise ConfigError("limit", str(e), limit) from None
+
+
 def load_splits(name: str, data_dir: str | None, limit: int | None, val_fraction: float,
                 seed: int) -> tuple[Any, Any, Any]:
     """(train, val, test) of "mnist" or "cifar10": at most ``limit`` train and test images, seeded random val split."""
@@ -235,10 +242,7 @@ def load_splits(name: str, data_dir: str | None, limit: int | None, val_fraction
     train_all, test = splits["train"], splits["test"]
     if limit is not None:
         train_all, test = train_all.take(min(limit, len(train_all))), test.take(min(limit, len(test)))
-    try:
-        train, val = data.train_val_split(train_all, val_fraction, seed=seed)
-    except ValueError as e:  # too few images for a split: the limit is what the user chose
-        raise ConfigError("limit", str(e), limit) from None
+    train, val = split_train_val(train_all, val_fraction, seed, limit)
     print(f"{name}: {len(train)} train, {len(val)} validation, {len(test)} test images; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
     return train, val, test

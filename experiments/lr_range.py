@@ -22,7 +22,7 @@ import jax
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
-                                prepare_workdir, run_cli, write_summary)
+                                prepare_workdir, run_cli, split_train_val, write_summary)
 from jaxvgg import augment, data, lr_finder, optim
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import TrainState
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_all = data.load_dataset(dataset, cfg.data_dir)["train"]
     if cfg.limit is not None:
         train_all = train_all.take(cfg.limit)
-    try:
-        train, _ = data.train_val_split(train_all, cfg.val_fraction, seed=cfg.seed)
-    except ValueError as e:
-        raise ConfigError("limit", str(e), cfg.limit) from None
+    train, _ = split_train_val(train_all, cfg.val_fraction, cfg.seed, cfg.limit)
     check_batch_size(cfg.batch_size, train)
     input_shape = train.images.shape[1:]
     print(f"{dataset}: {len(train)} training images {input_shape}; {cfg.model}; "

@@ -37,6 +37,13 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
     return path
 
 
+def saved_epochs(directory: str | os.PathLike) -> list[int]:
+    """The epochs saved in ``directory/last``, read from the layout above without opening (or creating) it;
+    a half-written save (orbax's temporary folder) is not an epoch."""
+    last = Path(directory) / "last"
+    return sorted(int(p.name) for p in last.iterdir() if p.name.isdigit()) if last.is_dir() else []
+
+
 def _manager(directory: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
