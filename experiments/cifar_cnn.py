@@ -24,7 +24,7 @@ import numpy as np
 
 import jaxvgg
 from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
-                                prepare_workdir, run_cli, write_summary)
+                                precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.models import parameter_table
@@ -58,6 +58,7 @@ class Config:
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N training and N test images (quick runs)"})
     loss_window: int = dataclasses.field(default=100, metadata={"help": "batches in the moving mean of the loss plot"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split, data order and augmentation"})
     num_devices: int | None = dataclasses.field(default=None, metadata={"help": "devices for data parallel (all)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
@@ -97,7 +98,7 @@ def _json_curve(curve: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    policy = default_policy(MODEL)
+    policy = default_policy(MODEL, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 

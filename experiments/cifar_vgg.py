@@ -22,7 +22,7 @@ import numpy as np
 
 import jaxvgg
 from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
-                                prepare_workdir, run_cli, write_summary)
+                                precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -54,6 +54,7 @@ class Config:
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N training and N test images (quick runs)"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split, data order and augmentation"})
     num_devices: int | None = dataclasses.field(default=None, metadata={"help": "devices for data parallel (all)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
@@ -96,7 +97,7 @@ def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    policy = default_policy(MODEL)
+    policy = default_policy(MODEL, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 

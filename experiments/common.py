@@ -22,7 +22,7 @@ import jax
 
 from jaxvgg import data, runtime
 from jaxvgg.checkpoint import saved_epochs, write_json
-from jaxvgg.policy import Policy, make_policy
+from jaxvgg.policy import PRECISIONS, Policy, make_policy, precision_name, resolve_precision
 
 C = TypeVar("C")
 IMPL_ENV = "JAXVGG_IMPL"  # default conv/pool forms: auto, native, cpu or fast
@@ -182,18 +182,36 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra
     return path
 
 
-def default_policy(model: str | None) -> Policy:
-    """The policy a command runs ``model`` with: ``$JAXVGG_IMPL`` forms, ``$JAXVGG_GEMM`` backend (default auto)."""
+def precision_field() -> Any:
+    """The ``--precision`` option every training experiment has (a dataclass field)."""
+    return dataclasses.field(default="fp32", metadata={
+        "help": "compute precision: fp32, bf16 (bfloat16 products with float32 sums, float32 weights, optimizer "
+                "and loss), or auto (bf16 where the hardware multiplies bfloat16: AMX or AVX-512 BF16 CPUs, "
+                "GPUs of compute capability >= 8.0, TPUs; else fp32)", "check": _precision_check})
+
+
+def _precision_check(value: str) -> str | None:
+    return None if value in ("auto", *PRECISIONS) else f"expected one of auto, {', '.join(PRECISIONS)}"
+
+
+def default_policy(model: str | None, precision: str = "fp32") -> Policy:
+    """The policy a command runs ``model`` with: ``precision`` (--precision), ``$JAXVGG_IMPL`` forms and
+    ``$JAXVGG_GEMM`` backend (default auto)."""
     forms, gemm_backend = os.environ.get(IMPL_ENV, "auto") or "auto", os.environ.get(GEMM_ENV, "auto") or "auto"
     try:
-        return make_policy(model, forms=forms, gemm_backend=gemm_backend)
+        dtype = resolve_precision(precision)
+    except ValueError as e:
+        raise ConfigError("precision", str(e), precision) from None
+    try:
+        return make_policy(model, forms=forms, gemm_backend=gemm_backend, precision=dtype)
     except (ValueError, RuntimeError) as e:
-        raise ConfigError("policy", str(e), f"{forms}, {gemm_backend}", flag=f"${IMPL_ENV}, ${GEMM_ENV}") from None
+        raise ConfigError("policy", f"{e} (with --precision {precision})" if dtype != "float32" else str(e),
+                          f"{forms}, {gemm_backend}", flag=f"${IMPL_ENV}, ${GEMM_ENV}") from None
 
 
 def policy_record(policy: Policy) -> dict:
-    """The resolved policy as config.json and summary.json keep it."""
-    return {"policy": dataclasses.asdict(policy)}
+    """The resolved policy (and its precision, fp32 or bf16) as config.json and summary.json keep them."""
+    return {"policy": dataclasses.asdict(policy), "precision": precision_name(policy.dtype)}
 
 
 def check_batch_size(batch_size: int, train: Any) -> int:

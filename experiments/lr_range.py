@@ -22,7 +22,7 @@ import jax
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
-                                prepare_workdir, run_cli, split_train_val, write_summary)
+                                precision_field, prepare_workdir, run_cli, split_train_val, write_summary)
 from jaxvgg import augment, data, lr_finder, optim
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import TrainState
@@ -60,6 +60,7 @@ class Config:
     val_fraction: float = dataclasses.field(default=0.1, metadata={
         "help": "share of train held out (as the training runs do), so the test sees their training split"})
     limit: int | None = dataclasses.field(default=None, metadata={"help": "use at most N training images"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split and data order"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bar"})
 
@@ -82,7 +83,7 @@ def make_transform(dataset: str, augment_images: bool):
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     dataset = cfg.dataset or _DEFAULT_DATASET[cfg.model]
-    policy = default_policy(cfg.model)
+    policy = default_policy(cfg.model, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, False, policy_record(policy))
     started = time.perf_counter()
 

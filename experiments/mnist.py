@@ -34,7 +34,7 @@ import numpy as np
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
-                                policy_record, prepare_workdir, run_cli, write_summary)
+                                policy_record, precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, lr_finder, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -78,6 +78,7 @@ class Config:
     tsne_points: int = dataclasses.field(default=2000, metadata={"help": "test images in the t-SNE plot (the first N)"})
     compare_half_lr: bool = dataclasses.field(default=False, metadata={
         "help": "also train at lr / 2 (in workdir/half_lr) and plot both histories"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "init, split, data order"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoints"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
@@ -162,7 +163,7 @@ def train_run(cfg: Config, model: Any, params: Any, lr: float, train: data.Datas
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    policy = default_policy(MODEL_NAMES[cfg.model])
+    policy = default_policy(MODEL_NAMES[cfg.model], cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
-                                prepare_workdir, run_cli, write_summary)
+                                precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, parallel, plots
 from jaxvgg.models import TRANSFER_PREFIX
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -80,6 +80,7 @@ class Config:
         "help": "use at most N random images of each split (quick runs)"})
     eval_batch_size: int = dataclasses.field(default=32, metadata={
         "help": "images per forward pass of the whole VGG16 (features, evaluation, TTA)"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "split, head init, data order, dropout, augmentation"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
@@ -190,7 +191,7 @@ def tta_nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    policy, head_policy = default_policy(MODEL), default_policy(HEAD_MODEL)
+    policy, head_policy = default_policy(MODEL, cfg.precision), default_policy(HEAD_MODEL, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 

@@ -37,7 +37,7 @@ import numpy as np
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
-                                policy_record, prepare_workdir, run_cli, write_summary)
+                                policy_record, precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.models import TRANSFER_PREFIX
@@ -72,6 +72,7 @@ class Config:
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N training and N test images (quick runs)"})
     eval_batch_size: int = dataclasses.field(default=500, metadata={"help": "batch size of feature extraction"})
+    precision: str = precision_field()
     seed: int = dataclasses.field(default=0, metadata={"help": "split, head init, data order, dropout"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
@@ -121,8 +122,8 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    head_policy = default_policy(HEAD_MODEL)
-    model, params, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL))  # a missing run fails first
+    head_policy = default_policy(HEAD_MODEL, cfg.precision)
+    model, params, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL, cfg.precision))  # a missing run fails first
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(head_policy))
     started = time.perf_counter()
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)

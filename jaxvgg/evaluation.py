@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -106,7 +107,7 @@ def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str |
     def features(variables, batch):
         x = transform(batch["image"])
         out = x if layer is None else models.layer_outputs(model, variables, x)[1][layer]
-        out = after(out)
+        out = after(out).astype(jnp.float32)  # a bfloat16 model's layer outputs are bfloat16
         return torch_flatten(out) if out.ndim == 4 else out
 
     fn = parallel.compile_step(features, getattr(model, "policy", NATIVE), "infer")

@@ -1,7 +1,9 @@
 """The tutorials' networks as flax.linen modules (NHWC inputs), and the registry that names them.
 
-This file says *what* each network computes; *how* (conv and pool forms, GEMM backend, compile
-options) is the `jaxvgg.policy.Policy` each module holds, and the forms live in `jaxvgg.layers`.
+This file says *what* each network computes; *how* (conv and pool forms, GEMM backend, precision,
+compile options) is the `jaxvgg.policy.Policy` each module holds, and the forms live in `jaxvgg.layers`.
+Whatever the precision, parameters are float32 and every network's output (logits or log-probabilities)
+is float32: the final log-softmax runs in float32, as torch.autocast runs it.
 
 Every module names its layers after the PyTorch state_dict key of the layer it mirrors, with
 ``.`` written as ``_`` (``features.0`` -> ``features_0``, ``classifier.6.0`` -> ``classifier_6_0``),
@@ -25,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvgg import gemm
-from jaxvgg.layers import (Conv2d, adaptive_avg_pool, max_pool_2x2, torch_conv, torch_dense, torch_flatten)
+from jaxvgg.layers import (Conv2d, Dense, adaptive_avg_pool, max_pool_2x2, torch_conv, torch_dense, torch_flatten)
 from jaxvgg.policy import NATIVE, Policy, make_policy
 
 # VGG configurations: conv widths, "M" = 2x2 max-pool (Simonyan & Zisserman 2015, Table 1;
@@ -53,6 +54,16 @@ def _record(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     return x
 
 
+def log_softmax(x: jax.Array) -> jax.Array:
+    """Log-probabilities over the last axis, in float32 (or wider) whatever the compute precision."""
+    return nn.log_softmax(at_least_float32(x), axis=-1)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` as float32 when it is narrower (a bfloat16 model's outputs); float32 and float64 unchanged."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _transfer_head(module: nn.Module, x: jax.Array, num_classes: int, train: bool, policy: Policy,
                    width: int = TRANSFER_HEAD[0], rate: float = TRANSFER_HEAD[1]) -> jax.Array:
     """classifier_6_0 .. classifier_6_4 of ``module`` (called from its compact ``__call__``)."""
@@ -60,7 +71,7 @@ def _transfer_head(module: nn.Module, x: jax.Array, num_classes: int, train: boo
     x = _record(module, f"{TRANSFER_PREFIX}_1", nn.relu(x))
     x = nn.Dropout(rate, deterministic=not train, name=f"{TRANSFER_PREFIX}_2")(x)
     x = torch_dense(f"{TRANSFER_PREFIX}_3", num_classes, width, policy)(x)
-    return _record(module, f"{TRANSFER_PREFIX}_4", nn.log_softmax(x, axis=-1))
+    return _record(module, f"{TRANSFER_PREFIX}_4", log_softmax(x))
 
 
 class VGG(nn.Module):
@@ -106,14 +117,13 @@ class VGG(nn.Module):
             x = _record(self, "avgpool", adaptive_avg_pool(x, self.avgpool_size))
         x = torch_flatten(x)
 
-        dense = partial(nn.Dense, kernel_init=vgg_linear_init, bias_init=nn.initializers.zeros,
-                        dot_general=gemm.dot_general_for(self.policy.gemm))
+        dense = partial(Dense, kernel_init=vgg_linear_init, bias_init=nn.initializers.zeros, policy=self.policy)
         for i in (0, 3):
             x = dense(self.hidden, name=f"classifier_{i}")(x)
             x = _record(self, f"classifier_{i + 1}", nn.relu(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"classifier_{i + 2}")(x)
         if self.transfer_head is None:
-            return dense(self.num_classes, name="classifier_6")(x)
+            return at_least_float32(dense(self.num_classes, name="classifier_6")(x))
 
         if self.freeze_features:
             x = jax.lax.stop_gradient(x)  # nothing below the head trains: skip its backward pass
@@ -163,7 +173,7 @@ class CifarCNN(nn.Module):
             x = torch_dense(name, width, x.shape[-1], self.policy)(x)
             x = nn.relu(x)
         x = torch_dense("fc3", self.num_classes, x.shape[-1], self.policy)(x)
-        return nn.log_softmax(x, axis=-1)
+        return log_softmax(x)
 
 
 class MnistLinear(nn.Module):
@@ -177,7 +187,7 @@ class MnistLinear(nn.Module):
         del train
         x = torch_flatten(x)
         x = torch_dense("fc", self.num_classes, x.shape[-1], self.policy)(x)
-        return nn.log_softmax(x, axis=-1)
+        return log_softmax(x)
 
 
 class MnistLeNet(nn.Module):
@@ -198,12 +208,12 @@ class MnistLeNet(nn.Module):
             x = torch_dense(name, width, x.shape[-1], self.policy)(x)
             x = nn.relu(x)
         x = torch_dense("fc3", self.num_classes, x.shape[-1], self.policy)(x)
-        return nn.log_softmax(x, axis=-1)
+        return log_softmax(x)
 
 
 def INTERMEDIATE_LAYERS(module: nn.Module, method_name: str) -> bool:
     """capture_intermediates filter: the outputs of the layers that mirror torch modules."""
-    return method_name == "__call__" and isinstance(module, (Conv2d, nn.Conv, nn.Dense, nn.Dropout))
+    return method_name == "__call__" and isinstance(module, (Conv2d, Dense, nn.Conv, nn.Dense, nn.Dropout))
 
 
 def layer_outputs(model: nn.Module, variables: Any, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict]:
@@ -264,7 +274,8 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(name: str, num_classes: int | None = None, policy: Policy | None = None, **kwargs: Any) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, policy: Policy | None = None, dtype: Any = None,
+                 **kwargs: Any) -> nn.Module:
     """Builds a named model.
 
     Args:
@@ -273,6 +284,8 @@ def create_model(name: str, num_classes: int | None = None, policy: Policy | Non
         100 for vgg16_transfer and transfer_head, 10 otherwise).
       policy: how it runs (`jaxvgg.policy.Policy`); default ``make_policy(name)``, the fastest forms
         for the current backend, resolved now.
+      dtype: compute precision (flax's ``dtype``: ``jnp.bfloat16`` or ``jnp.float32``); overrides the
+        policy's (`jaxvgg.policy.Policy.dtype`; parameters stay float32, ``param_dtype`` in flax's terms).
       **kwargs: module attributes to override (e.g. ``dropout_rate``).
 
     Returns:
@@ -281,6 +294,8 @@ def create_model(name: str, num_classes: int | None = None, policy: Policy | Non
     """
     spec = get_spec(name)
     policy = make_policy(name) if policy is None else policy
+    if dtype is not None:
+        policy = policy.with_dtype(dtype)
     return spec.build(num_classes=spec.num_classes if num_classes is None else num_classes, policy=policy, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""How a model runs, as one explicit value: conv/pool forms, matrix-product backend, XLA compile options.
+"""How a model runs, as one explicit value: conv/pool forms, matrix-product backend, compute precision,
+XLA compile options.
 
 A `Policy` never changes *what* a network computes (the parity suite runs both the native and the
 fast policy against PyTorch), only how fast. It is a frozen, hashable dataclass held by every model as
@@ -14,14 +15,24 @@ Forms:
     smaller than the kernel's window, the direct form for single-channel inputs in inference; reshape
     max-pools in training; each model's XLA:CPU compile options (`CPU_COMPILER_OPTIONS`).
   "fast": every CPU fast form forced, in training and inference alike (the parity suite's second form).
+
+Precision ("float32" or "bfloat16", flax's ``dtype`` with ``param_dtype`` float32): in bfloat16 every
+convolution and matrix product takes bfloat16 operands and accumulates in float32, forward and backward
+(the cotangents are cast too, so the gradient products also run on the bf16 units), layer outputs are
+bfloat16 as under ``torch.autocast``, and the parameters, the optimizer, the logits, softmax and loss
+stay float32. It changes the numbers within bfloat16's rounding (the parity suite bounds it against
+float64 and torch.autocast), so unlike the forms it is a choice of the user's: "auto" picks bfloat16
+only where the hardware multiplies bfloat16 natively (`bf16_units`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxvgg import gemm
 
@@ -29,6 +40,12 @@ FORMS = ("native", "cpu", "fast")
 CONV_FORMS = ("lax", "im2col", "direct", "toeplitz")
 POOL_FORMS = ("reduce_window", "reshape")
 MODES = ("train", "infer")
+DTYPES = ("float32", "bfloat16")
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}  # the CLI's --precision names
+# CPU flags (/proc/cpuinfo) of bfloat16 matrix hardware: Intel's AMX tiles, and AVX-512's bf16 dot
+# products (AMD Zen 4 and later, Intel since Cooper Lake), which XLA's bf16 x bf16 -> f32 dots use: on the
+# 2-core AMD EPYC (avx512_bf16, no AMX) they ran at 670-850 GFLOP/s against 356-423 in float32.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # In inference, im2col wins on the CPU below this many output pixels per image (VGG's 8x8 and 4x4
 # blocks); lax.conv elsewhere (up to 2x for the CIFAR CNN). In training, im2col wins everywhere measured.
 IM2COL_MAX_INFER_PIXELS = 64
@@ -53,6 +70,7 @@ class Policy:
     Attributes:
       forms: "native", "cpu" or "fast" (module docstring).
       gemm: "xla" (XLA's dots) or "mkl" (MKL's sgemm through `jaxvgg.gemm`, float32 products).
+      dtype: compute precision, "float32" or "bfloat16" (module docstring); parameters stay float32.
       train_options / infer_options: XLA compile options for the model's training / inference
         programs, as sorted (name, value) pairs so the policy stays hashable.
     """
@@ -61,12 +79,34 @@ class Policy:
     gemm: str = "xla"
     train_options: tuple[tuple[str, Any], ...] = ()
     infer_options: tuple[tuple[str, Any], ...] = ()
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.forms not in FORMS:
             raise ValueError(f"Policy.forms={self.forms!r}; expected one of {', '.join(FORMS)}")
         if self.gemm not in gemm.BACKENDS:
             raise ValueError(f"Policy.gemm={self.gemm!r}; expected one of {', '.join(gemm.BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Policy.dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.dtype != "float32" and self.gemm == "mkl":
+            # MKL's cblas_gemm_bf16bf16f32 ran at 157-180 GFLOP/s on the AMD EPYC, XLA's bf16 dot at 670-850
+            raise ValueError("Policy.gemm='mkl' computes float32 products only; bfloat16 uses gemm='xla'")
+
+    def with_dtype(self, dtype: Any) -> "Policy":
+        """This policy computing in ``dtype`` (a name or jnp dtype). Leaving float32 also leaves what was
+        tuned for it: MKL's products (float32 ones) become XLA's dots, and the XLA:CPU options go (with
+        YNNPACK off, XLA:CPU's own dot kernels would run every bfloat16 product in float32)."""
+        dtype = jnp.dtype(dtype).name
+        if dtype == self.dtype:
+            return self
+        if dtype == "float32":
+            return dataclasses.replace(self, dtype=dtype)
+        return dataclasses.replace(self, dtype=dtype, gemm="xla", train_options=(), infer_options=())
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype of the products' operands and of the layer outputs (jnp.float32 or jnp.bfloat16)."""
+        return jnp.dtype(self.dtype)
 
     def conv_form(self, out_pixels: int, train: bool, in_channels: int = 0, in_pixels: int = 0,
                   taps: int = 0) -> str:
@@ -100,15 +140,60 @@ class Policy:
     def describe(self) -> str:
         """One line for logs: forms, GEMM and whether compile options are set."""
         options = [mode for mode in MODES if self.compiler_options(mode)]
-        return (f"forms {self.forms}, GEMM {self.gemm}"
+        return (f"forms {self.forms}, GEMM {self.gemm}, {self.dtype}"
                 + (f", XLA:CPU options for {' and '.join(options)}" if options else ""))
 
 
 NATIVE = Policy()
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo); empty where that cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_units(backend: str | None = None, flags: frozenset[str] | None = None,
+               compute_capability: str | None = None) -> bool:
+    """Whether ``backend``'s hardware multiplies bfloat16 natively: the CPU flags in `CPU_BF16_FLAGS`,
+    NVIDIA GPUs of compute capability 8.0 or newer, TPUs. ``flags`` / ``compute_capability`` default to
+    this machine's (given, they let a test stand for another machine)."""
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return True
+    if backend == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        return any(flag in flags for flag in CPU_BF16_FLAGS)
+    if backend in ("gpu", "cuda"):
+        if compute_capability is None:
+            compute_capability = getattr(jax.devices(backend)[0], "compute_capability", "0")
+        return float(compute_capability) >= 8.0
+    return False
+
+
+def resolve_precision(precision: str, backend: str | None = None, **hardware: Any) -> str:
+    """"auto", "fp32"/"float32" or "bf16"/"bfloat16" -> "float32" or "bfloat16" ("auto": `bf16_units`)."""
+    if precision == "auto":
+        return "bfloat16" if bf16_units(backend, **hardware) else "float32"
+    dtype = PRECISIONS.get(precision, precision)
+    if dtype not in DTYPES:
+        raise ValueError(f"precision={precision!r}; expected auto, {', '.join(PRECISIONS)} or {', '.join(DTYPES)}")
+    return dtype
+
+
+def precision_name(dtype: str) -> str:
+    """"float32" -> "fp32", "bfloat16" -> "bf16" (the names ``--precision`` takes)."""
+    return {v: k for k, v in PRECISIONS.items()}[jnp.dtype(dtype).name]
+
+
 def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str = "auto",
-                backend: str | None = None, num_devices: int | None = None) -> Policy:
+                backend: str | None = None, num_devices: int | None = None,
+                precision: str = "fp32") -> Policy:
     """Resolves "auto" choices into a `Policy` for ``model`` (a registry name; None: no compile options).
 
     Args:
@@ -119,8 +204,11 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
       backend: JAX backend name; default ``jax.default_backend()``.
       num_devices: devices the program will span; default ``jax.device_count()``. MKL's custom call has
         no partitioning rule, so several devices keep XLA's dots.
+      precision: "fp32" (default), "bf16", or "auto" (`resolve_precision`). In bfloat16, "auto" GEMM is
+        XLA's dot (MKL's products are float32 ones).
     """
     backend = backend or jax.default_backend()
+    dtype = resolve_precision(precision, backend)
     if forms == "auto":
         forms = "cpu" if backend == "cpu" else "native"
     if forms not in FORMS:
@@ -129,13 +217,15 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
         raise ValueError(f"gemm={gemm_backend!r}; expected auto or one of {', '.join(gemm.BACKENDS)}")
     num_devices = jax.device_count() if num_devices is None else num_devices
     if gemm_backend == "auto":
-        usable = backend == "cpu" and forms != "native" and num_devices == 1
+        usable = backend == "cpu" and forms != "native" and num_devices == 1 and dtype == "float32"
         gemm_backend = "mkl" if usable and gemm.problem() is None else "xla"
     elif gemm_backend == "mkl":
         if backend != "cpu":
             raise ValueError(f"gemm=mkl runs on the CPU only; the backend is {backend}")
         if gemm.problem() is not None:
             raise RuntimeError(f"gemm=mkl, but {gemm.problem()}")
-    options = {mode: CPU_COMPILER_OPTIONS.get((model, mode), ()) if backend == "cpu" and forms != "native" else ()
-               for mode in MODES}
-    return Policy(forms, gemm_backend, options["train"], options["infer"])
+    # the options were measured in float32; in bfloat16 YNNPACK must stay on: XLA:CPU's own dot kernels
+    # do not use the bf16 units (a 2048^3 bf16 dot on the AMD EPYC: 861 GFLOP/s with YNNPACK, 324 without)
+    tuned = backend == "cpu" and forms != "native" and dtype == "float32"
+    options = {mode: CPU_COMPILER_OPTIONS.get((model, mode), ()) if tuned else () for mode in MODES}
+    return Policy(forms, gemm_backend, options["train"], options["infer"], dtype)

@@ -56,6 +56,8 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("vgga_transfer", "--lr", "-0.001", "finite number > 0"),
     ("vgg16_transfer", "--tta", "-1", "must be >= 0"),
     ("vgg16_transfer", "--load-size", "100", "must be >= 256"),
+    ("cifar_vgg", "--precision", "fp16", "expected one of auto, fp32, bf16"),
+    ("mnist", "--precision", "bfloat16", "expected one of auto, fp32, bf16"),
     ("benchmark", "--rounds", "0", "must be >= 1"),
     ("benchmark", "--models", "resnet50", "expected a comma list"),
 ]

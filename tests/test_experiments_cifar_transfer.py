@@ -73,6 +73,27 @@ def test_cifar_cnn_one_epoch_smoke_run_writes_metrics_and_plots(tmp_path):
         assert (workdir / name).stat().st_size > 0, name
 
 
+@needs_data
+def test_cifar_cnn_in_bf16_records_its_precision_resumes_and_refuses_another(tmp_path):
+    workdir = tmp_path / "run"
+    common = ("--data-dir", str(SHARED_DATA), "--limit", "300", "--workdir", str(workdir), "--quiet", "true")
+    out = _run("experiments.cifar_cnn", *common, "--epochs", "1", "--precision", "bf16")
+    assert out.returncode == 0, out.stdout + out.stderr
+    config = json.loads((workdir / "config.json").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+    for record in (config, summary):
+        assert record["precision"] == "bf16" and record["policy"]["dtype"] == "bfloat16"
+    assert config["policy"]["gemm"] == "xla"  # MKL's products are float32 ones
+    # history and checkpoints work as in float32: resume continues the run to epoch 2
+    out = _run("experiments.cifar_cnn", *common, "--epochs", "2", "--precision", "bf16", "--resume", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    history = json.loads((workdir / "history.json").read_text())
+    assert history["epoch"]["epoch"] == [1, 2] and all(np.isfinite(history["batch"]["loss"]))
+    # a run is one precision: resuming it in float32 is refused before any work
+    out = _run("experiments.cifar_cnn", *common, "--epochs", "3", "--precision", "fp32", "--resume", "true")
+    assert out.returncode == 2 and "precision: 'bf16' -> 'fp32'" in out.stderr, out.stderr
+
+
 # --- VGG16 transfer ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
