@@ -1,19 +1,29 @@
 """Throughput of jaxvgg against the PyTorch originals, measured in one process in alternating rounds.
 
     python -m experiments.benchmark --json build/benchmark.json
-    python -m experiments.benchmark --models cifar_cnn --modes train --rounds 3
+    python -m experiments.benchmark --models cifar_cnn --modes train --rounds 3 --precisions bf16
 
 For every model (cifar_cnn, vgg11 at 32x32, mnist_lenet, and the vgg16_transfer head on cached
-4096-d features) and mode (train: SGD/Adam step with backward; infer: evaluation-mode forward), both
-frameworks start from the same weights (converted with `jaxvgg.to_torch`) and run ``steps`` batches per
-round; the rounds alternate which framework goes first, so a neighbour taking a core hurts both. The
-table gives the median images/s of each, their ratio with its range over rounds, the achieved GFLOP/s
-(forward FLOPs as XLA counts them in the native-form program, x3 for a training step) against a
-float32 matmul peak measured here, and the XLA compile time of the first step. The JAX steps are
-compiled as `jaxvgg.train.fit` compiles them, by `jaxvgg.parallel.compile_step` with the model's
-policy: its XLA:CPU options (the table's "XLA:CPU" column) and matrix products (`jaxvgg.gemm`: MKL's
-sgemm where built, the "GEMM" column); ``JAXVGG_IMPL=native`` turns both off with the CPU conv forms.
+4096-d features), precision (``--precisions``, below) and mode (train: SGD/Adam step with backward;
+infer: evaluation-mode forward), both frameworks start from the same weights (converted with
+`jaxvgg.to_torch`) and run ``steps`` batches per round; the rounds alternate which framework goes
+first, so a neighbour taking a core hurts both. The table gives the median images/s of each, their
+ratio with its range over rounds, the achieved GFLOP/s (forward FLOPs as XLA counts them in the
+native-form program, x3 for a training step) against the matmul peak of the row's precision measured
+here, and the XLA compile time of the first step. The JAX steps are compiled as `jaxvgg.train.fit`
+compiles them, by `jaxvgg.parallel.compile_step` with the model's policy: its XLA:CPU options (the
+table's "XLA:CPU" column) and matrix products (`jaxvgg.gemm`: MKL's sgemm where built, the "GEMM"
+column); ``JAXVGG_IMPL=native`` turns both off with the CPU conv forms.
 The machinery lives in `jaxvgg.benchmark`.
+
+Precisions: "fp32" rows compute in float32 on both sides. "bf16" rows are the same weights in bfloat16
+mixed precision: JAX with the model's policy ``.with_dtype("bfloat16")`` (bf16 x bf16 -> f32 convs and
+matmuls forward and backward, XLA's dots, XLA:CPU's default options; float32 parameters, optimizer and
+loss), PyTorch eager (and torch.compile) with its AMP recipe on the CPU: forward and loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, backward and optimizer step outside it, float32
+parameters; inference under inference_mode + autocast. Their outputs agree within bfloat16's rounding
+(the printed max |Δ| is ~1e-2, against ~1e-6 in float32). Both precisions' matmul peaks (float32, and
+bf16 x bf16 -> f32 as the models multiply) are measured in every run, and each row is set against its own.
 
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The
@@ -43,7 +53,9 @@ import jax
 
 from experiments.common import ConfigError, default_policy, parse_config
 from jaxvgg import augment, data, models, optim, parallel, runtime
-from jaxvgg.benchmark import MODEL_NAMES, build_case, forward_max_abs_diff, machine, matmul_peak, measure, table
+from jaxvgg.benchmark import (MODEL_NAMES, build_case, forward_max_abs_diff, machine, matmul_peak, measure, table,
+                              with_precision)
+from jaxvgg.policy import PRECISIONS
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -58,6 +70,8 @@ class Config:
     models: str = dataclasses.field(default=",".join(MODEL_NAMES), metadata={
         "help": f"comma-separated, from {', '.join(MODEL_NAMES)}"})
     modes: str = dataclasses.field(default="train,infer", metadata={"help": "train, infer or both"})
+    precisions: str = dataclasses.field(default=",".join(PRECISIONS), metadata={
+        "help": f"comma-separated, from {', '.join(PRECISIONS)} (bf16: jax's bf16 policy, torch autocast)"})
     rounds: int = dataclasses.field(default=5, metadata={"help": "alternating rounds per model and mode"})
     steps: int | None = dataclasses.field(default=None, metadata={
         "help": "batches per framework per round (default: per model, about 1 s of work here)"})
@@ -116,7 +130,8 @@ def time_cifar_epoch(cfg: Config, say: Callable[[str], None]) -> dict | None:
                      eval_transform=partial(augment.eval_transform, mean=mean, std=std))
     epoch_s = history["epoch"]["time_s"][0]
     # a row like the others (no torch side: the torch tutorial's DataLoader is not what is measured)
-    return {"model": name, "mode": "epoch", "batch": batch_size, "images": len(train), "epoch_s": epoch_s,
+    return {"model": name, "mode": "epoch", "precision": "fp32", "batch": batch_size, "images": len(train),
+            "epoch_s": epoch_s,
             "jax_img_s": len(train) // batch_size * batch_size / epoch_s, "torch_img_s": None, "ratio": None,
             "gflops": None, "compile_s": None, "pipeline_s": pipeline_s, "pipeline_fraction": pipeline_s / epoch_s,
             "load_s": load_s}
@@ -140,29 +155,36 @@ def run_here(cfg: Config, say: Callable[[str], None]) -> list[dict]:
         torch.set_num_threads(cfg.torch_threads)
     names = _split(cfg.models, MODEL_NAMES, "models")
     modes = _split(cfg.modes, ("train", "infer"), "modes")
+    precisions = _split(cfg.precisions, tuple(PRECISIONS), "precisions")
     allocator = runtime.allocator_in_use()
     say(f"allocator {allocator}; jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    peak = matmul_peak()
-    say(f"float32 matmul peak (2048^3): jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s")
+    peaks = {p: matmul_peak(precision=p) for p in PRECISIONS}  # both, whichever rows are asked for
+    for p, peak in peaks.items():
+        say(f"{p} matmul peak (2048^3): jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s")
     rows = []
     for i, name in enumerate(names):
-        case = build_case(name, jax.random.PRNGKey(i), default_policy(name))
-        diff = forward_max_abs_diff(case)
-        say(f"{name}: same weights in both, outputs agree to max |Δ| {diff:.2g}")
-        for mode in modes:
-            batch_size = cfg.train_batch if mode == "train" else cfg.infer_batch
-            steps = cfg.steps or DEFAULT_STEPS[(name, mode)]
-            say(f"{name} {mode} (batch {batch_size}, {steps} steps x {cfg.rounds} rounds)")
-            row = measure(case, mode, batch_size, steps, cfg.rounds, say, torch_compile=cfg.torch_compile)
-            row["output_max_abs_diff"] = diff
-            rows.append(row)
+        base = build_case(name, jax.random.PRNGKey(i), default_policy(name))
+        for precision in precisions:
+            case = with_precision(base, precision)
+            diff = forward_max_abs_diff(case)
+            say(f"{name} {precision}: same weights in both, outputs agree to max |Δ| {diff:.2g}")
+            for mode in modes:
+                batch_size = cfg.train_batch if mode == "train" else cfg.infer_batch
+                steps = cfg.steps or DEFAULT_STEPS[(name, mode)]
+                say(f"{name} {precision} {mode} (batch {batch_size}, {steps} steps x {cfg.rounds} rounds)")
+                row = measure(case, mode, batch_size, steps, cfg.rounds, say, torch_compile=cfg.torch_compile)
+                row["output_max_abs_diff"] = diff
+                rows.append(row)
     epoch = time_cifar_epoch(cfg, say)
     if epoch is not None:
         rows.append(epoch)
+    every_peak = {f"peak_gflops_{framework}_{p}": peak[framework] for p, peak in peaks.items()
+                  for framework in ("jax", "torch")}
     for row in rows:
+        own = peaks[row["precision"]]  # "% of peak" is against the row's own precision
         row.update(allocator=allocator, backend=jax.default_backend(), torch_threads=torch.get_num_threads(),
-                   peak_gflops_jax=peak["jax"], peak_gflops_torch=peak["torch"])
+                   peak_gflops_jax=own["jax"], peak_gflops_torch=own["torch"], **every_peak)
     return rows
 
 
@@ -177,7 +199,9 @@ def _allocators(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     say = (lambda _: None) if cfg.quiet else (lambda msg: print(msg, flush=True))
-    _split(cfg.models, MODEL_NAMES, "models"), _split(cfg.modes, ("train", "infer"), "modes")  # fail before any work
+    # fail before any work
+    _split(cfg.models, MODEL_NAMES, "models"), _split(cfg.modes, ("train", "infer"), "modes")
+    _split(cfg.precisions, tuple(PRECISIONS), "precisions")
     if cfg.epoch_model not in ("none", "cifar_cnn", "vgg11"):
         raise ConfigError("epoch_model", "expected cifar_cnn, vgg11 or none", cfg.epoch_model)
     allocators = [] if cfg.child else _allocators(cfg.allocators)

@@ -4,6 +4,12 @@
 what it measures with: the cases (the same weights in both frameworks), the step runners of each
 framework, alternating rounds, FLOP counts and the markdown table. It imports torch and torch_ref
 lazily, so importing it costs nothing where they are missing.
+
+Each case runs in a precision (`Case.precision`, ``with_precision``): "fp32", or "bf16", the same
+weights on both sides computing in bfloat16 -- JAX with the model's policy ``.with_dtype("bfloat16")``
+(bf16 x bf16 -> f32 products, float32 parameters and outputs), PyTorch as its AMP recipe does on the CPU:
+forward and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``, backward and optimizer step
+outside it, float32 parameters. `matmul_peak` measures both frameworks' float32 and bfloat16 peaks.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvgg import convert, gemm, models, optim, parallel
-from jaxvgg.policy import NATIVE, YNN_FUSION_OPTION, Policy
+from jaxvgg.policy import NATIVE, PRECISIONS, YNN_FUSION_OPTION, Policy
 from jaxvgg.train import TrainState, train_step
 
 MODEL_NAMES = ("cifar_cnn", "vgg11", "mnist_lenet", "transfer_head")
 TRANSFER_CLASSES = 100  # the transfer head's registry default
 FEATURES = 4096
+PEAK_LABELS = {"fp32": "float32", "bf16": "bfloat16 (bf16 x bf16 -> f32)"}  # the table's names of the peaks
 
 
 # --- FLOPs -----------------------------------------------------------------------------------------
@@ -89,14 +96,21 @@ def model_flops(case: Case, x: np.ndarray) -> float:
     return program_flops(lambda p, v: model.apply({"params": p}, v), case.params, x)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best float32 GFLOP/s of an n x n matmul: jitted jnp.dot and torch.mm."""
+def matmul_peak(n: int = 2048, repeats: int = 5, precision: str = "fp32") -> dict[str, float]:
+    """Best GFLOP/s of an n x n matmul, jitted jnp.dot and torch.mm, in ``precision`` ("fp32" or "bf16").
+
+    bf16 is the product the models compute: bf16 x bf16 -> f32 in JAX (``preferred_element_type``; XLA:CPU
+    only uses the bf16 units for that form) and torch.mm on bf16 tensors, as autocast runs it.
+    """
     import torch
 
-    a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
-    dot = jax.jit(jnp.dot)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32), PRECISIONS[precision])
+    dot = jax.jit(partial(jnp.dot, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()
-    ta = torch.from_numpy(np.array(a))  # a writable copy
+    torch_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ta = torch.from_numpy(np.array(a, np.float32)).to(torch_dtype)  # a writable copy of the same values
     torch.mm(ta, ta)
     best = {"jax": np.inf, "torch": np.inf}
     for _ in range(repeats):
@@ -122,6 +136,7 @@ class Case:
     torch_model: Any
     log_probs: bool
     optimizer: str  # "sgd" or "adam", as the model's tutorial
+    precision: str = "fp32"  # "fp32" or "bf16" (`with_precision`)
 
 
 def _transfer_head_case(key: jax.Array, policy: Policy | None) -> Case:
@@ -136,7 +151,7 @@ def _transfer_head_case(key: jax.Array, policy: Policy | None) -> Case:
     with torch.no_grad():
         for index, layer in ((1, "classifier_6_0"), (4, "classifier_6_3")):
             torch_head[index].weight.copy_(torch.from_numpy(np.asarray(params[layer]["kernel"]).T.copy()))
-            torch_head[index].bias.copy_(torch.from_numpy(np.asarray(params[layer]["bias"])))
+            torch_head[index].bias.copy_(torch.from_numpy(np.array(params[layer]["bias"])))
     return Case(name, (FEATURES,), head, params, torch_head, log_probs=True, optimizer="adam")
 
 
@@ -156,10 +171,26 @@ def build_case(name: str, key: jax.Array, policy: Policy | None = None) -> Case:
     num_classes = 10
     params = models.init_params(name, key, num_classes=num_classes, input_shape=shape)
     torch_model = torch_models.build(name, num_classes=num_classes, image_size=shape[0])
-    state_dict = {k: torch.from_numpy(v) for k, v in convert.to_torch(name, params).items()}
+    state_dict = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch(name, params).items()}  # writable
     torch_model.load_state_dict(state_dict)
     return Case(name, shape, models.create_model(name, num_classes=num_classes, policy=policy), params["params"],
                 torch_model, log_probs=spec.log_probs, optimizer="sgd")
+
+
+def with_precision(case: Case, precision: str) -> Case:
+    """``case`` computing in ``precision`` ("fp32" or "bf16"): the same weights, the jax model with its policy
+    in that dtype (`jaxvgg.policy.Policy.with_dtype`), the torch side under autocast for bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    policy = case.jax_model.policy.with_dtype(PRECISIONS[precision])
+    return dataclasses.replace(case, jax_model=case.jax_model.clone(policy=policy), precision=precision)
+
+
+def _autocast(case: Case):
+    """torch.autocast to bfloat16 on the CPU for a bf16 case; a no-op context for fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.precision == "bf16")
 
 
 def _batch(case: Case, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,14 +221,15 @@ def _torch_optimizer(case: Case, model: Any):
 
 
 def forward_max_abs_diff(case: Case, batch_size: int = 8) -> float:
-    """max |jax - torch| of evaluation-mode outputs on one batch: both sides compute the same function."""
+    """max |jax - torch| of evaluation-mode outputs on one batch: both sides compute the same function
+    (in bf16, jax's bf16 policy against torch's autocast: within bfloat16's rounding, ~1e-2, not ~1e-6)."""
     import torch
 
     x, _ = _batch(case, batch_size, seed=2)
-    out = np.asarray(case.jax_model.apply({"params": case.params}, jnp.asarray(x)))
+    out = np.asarray(case.jax_model.apply({"params": case.params}, jnp.asarray(x)), np.float32)
     case.torch_model.eval()
-    with torch.inference_mode():
-        ref = case.torch_model(_torch_input(x)).numpy()
+    with torch.inference_mode(), _autocast(case):
+        ref = case.torch_model(_torch_input(x)).float().numpy()
     return float(np.abs(out - ref).max())
 
 
@@ -246,7 +278,9 @@ def jax_runner(case: Case, mode: str,
 
 def torch_runner(case: Case, mode: str, batch_size: int, compiled: bool = False) -> Callable[[int], None]:
     """run(n): n torch steps (training) or inference_mode forwards; eager, or through ``torch.compile``
-    (a copy of the model, forward and backward compiled by inductor, the optimizer step eager)."""
+    (forward and backward compiled by inductor, the optimizer step eager). Training steps a copy of the
+    model, so every row starts from the case's weights. In bf16, the forward (and loss) under autocast;
+    backward and optimizer step outside it, on float32 parameters (PyTorch's AMP recipe)."""
     import copy
 
     import torch
@@ -254,9 +288,9 @@ def torch_runner(case: Case, mode: str, batch_size: int, compiled: bool = False)
 
     x, y = _batch(case, batch_size, seed=1)
     images, labels = _torch_input(x), torch.from_numpy(y)
-    model = case.torch_model
+    model = copy.deepcopy(case.torch_model) if compiled or mode == "train" else case.torch_model
     if compiled:
-        model = torch.compile(copy.deepcopy(model))
+        model = torch.compile(model)
     if mode == "train":
         opt = _torch_optimizer(case, model)
         loss_fn = F.nll_loss if case.log_probs else F.cross_entropy
@@ -265,13 +299,15 @@ def torch_runner(case: Case, mode: str, batch_size: int, compiled: bool = False)
         def run(n: int) -> None:
             for _ in range(n):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model(images), labels).backward()
+                with _autocast(case):
+                    loss = loss_fn(model(images), labels)
+                loss.backward()
                 opt.step()
     else:
         model.eval()
 
         def run(n: int) -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(case):
                 for _ in range(n):
                     model(images)
     return run
@@ -294,7 +330,8 @@ def _compiled_torch_runner(case: Case, mode: str, batch_size: int,
 
 def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say: Callable[[str], None],
             torch_compile: bool = False) -> dict:
-    """Alternating rounds of the frameworks (jax, torch eager, optionally torch.compile); one result row."""
+    """Alternating rounds of the frameworks (jax, torch eager, optionally torch.compile) in the case's
+    precision; one result row."""
     jax_run, compile_s, flops, devices, options = jax_runner(case, mode, batch_size)
     runners = {"jax": jax_run, "torch": torch_runner(case, mode, batch_size)}
     extra: dict[str, Any] = {}
@@ -319,7 +356,8 @@ def measure(case: Case, mode: str, batch_size: int, steps: int, rounds: int, say
         extra.update(torch_compile_img_s=compiled_img_s, torch_compile_ratio=jax_img_s / compiled_img_s,
                      torch_compile_rounds=rates["torch_compile"])
     return {**extra,
-        "model": case.name, "mode": mode, "batch": batch_size, "steps": steps, "rounds": rounds, "jax_devices": devices,
+        "model": case.name, "mode": mode, "precision": case.precision, "batch": batch_size, "steps": steps,
+        "rounds": rounds, "jax_devices": devices,
         "jax_img_s": jax_img_s, "torch_img_s": torch_img_s, "ratio": jax_img_s / torch_img_s,
         "ratio_min": min(ratios), "ratio_max": max(ratios),
         "jax_rounds": rates["jax"], "torch_rounds": rates["torch"],
@@ -354,18 +392,20 @@ def _options_label(options: dict | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a markdown table, the epoch timings and matmul peaks below it."""
+    """The rows as a markdown table, the epoch timings and both precisions' matmul peaks below it; a row's
+    "% of jax matmul peak" is against the peak of its own precision."""
     compiled = any("torch_compile_s" in r for r in rows)
-    lines = ["| model | mode | allocator | jax devices | XLA:CPU | GEMM | jax img/s | torch img/s | jax/torch (range) "
-             "| jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
+    lines = ["| model | mode | precision | allocator | jax devices | XLA:CPU | GEMM | jax img/s | torch img/s "
+             "| jax/torch (range) | jax GFLOP/s (torch) | % of jax matmul peak | compile s |"
              + (" torch.compile img/s (compile s) | jax/compiled |" if compiled else ""),
-             "|---|---|---|---:|---|---|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
+             "|---|---|---|---|---:|---|---|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for r in rows:
         if r["mode"] == "epoch":
             continue
-        line = (f"| {r['model']} | {r['mode']} | {r['allocator']} | {r['jax_devices']} | "
-                f"{_options_label(r.get('xla_options'))} | {r.get('gemm', 'xla')} | {r['jax_img_s']:,.0f} | "
-                f"{r['torch_img_s']:,.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+        line = (f"| {r['model']} | {r['mode']} | {r.get('precision', 'fp32')} | {r['allocator']} | "
+                f"{r['jax_devices']} | {_options_label(r.get('xla_options'))} | {r.get('gemm', 'xla')} | "
+                f"{r['jax_img_s']:,.0f} | {r['torch_img_s']:,.0f} | "
+                f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                 f"{r['gflops']:.0f} ({r['torch_gflops']:.0f}) | "
                 f"{100 * r['gflops'] / r['peak_gflops_jax']:.0f} % | {r['compile_s']:.1f} |")
         if compiled:
@@ -378,8 +418,14 @@ def table(rows: list[dict]) -> str:
                      f"{e['allocator']}): {e['epoch_s']:.1f} s ({e['jax_img_s']:,.0f} img/s, first-step compile "
                      f"included); the host input pipeline alone takes {e['pipeline_s']:.2f} s = "
                      f"{100 * e['pipeline_fraction']:.1f} % of the epoch.")
-    peaks = {r["allocator"]: (r["peak_gflops_jax"], r["peak_gflops_torch"]) for r in rows}
-    lines += [f"float32 matmul peak, 2048^3 ({a}): jax {j:.0f}, torch {t:.0f} GFLOP/s." for a, (j, t) in peaks.items()]
+    peaks: dict[tuple[str, str], tuple[float, float]] = {}  # (allocator, precision) -> (jax, torch) GFLOP/s
+    for r in rows:
+        for p in PRECISIONS:
+            if f"peak_gflops_jax_{p}" in r:
+                peaks[r["allocator"], p] = (r[f"peak_gflops_jax_{p}"], r[f"peak_gflops_torch_{p}"])
+        peaks.setdefault((r["allocator"], r.get("precision", "fp32")), (r["peak_gflops_jax"], r["peak_gflops_torch"]))
+    lines += [f"{PEAK_LABELS[p]} matmul peak, 2048^3 ({a}): jax {j:.0f}, torch {t:.0f} GFLOP/s."
+              for (a, p), (j, t) in peaks.items()]
     return "\n".join(lines)
 
 
