@@ -14,7 +14,8 @@ Forms:
     training, im2col in inference for small maps (lax.conv for large ones), the Toeplitz form on maps
     smaller than the kernel's window, the direct form for single-channel inputs in inference; reshape
     max-pools in training; each model's XLA:CPU compile options (`CPU_COMPILER_OPTIONS`).
-  "fast": every CPU fast form forced, in training and inference alike (the parity suite's second form).
+  "fast": every CPU fast form forced, in training and inference alike, MKL's products included wherever
+    they are built (the parity suite's second form).
 
 Precision ("float32" or "bfloat16", flax's ``dtype`` with ``param_dtype`` float32): in bfloat16 every
 convolution and matrix product takes bfloat16 operands and accumulates in float32, forward and backward
@@ -46,6 +47,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}  # the CLI's --precision na
 # products (AMD Zen 4 and later, Intel since Cooper Lake), which XLA's bf16 x bf16 -> f32 dots use: on the
 # 2-core AMD EPYC (avx512_bf16, no AMX) they ran at 670-850 GFLOP/s against 356-423 in float32.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+MKL_VENDOR = "GenuineIntel"  # "auto" GEMM is MKL's on this vendor's CPUs only (`make_policy`)
 # In inference, im2col wins on the CPU below this many output pixels per image (VGG's 8x8 and 4x4
 # blocks); lax.conv elsewhere (up to 2x for the CIFAR CNN). In training, im2col wins everywhere measured.
 IM2COL_MAX_INFER_PIXELS = 64
@@ -147,15 +149,25 @@ class Policy:
 NATIVE = Policy()
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo); empty where that cannot be read."""
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line's value in Linux /proc/cpuinfo; "" where that cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo); empty where that cannot be read."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    return _cpuinfo("vendor_id")
 
 
 def bf16_units(backend: str | None = None, flags: frozenset[str] | None = None,
@@ -199,8 +211,9 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
     Args:
       model: picks the model's XLA:CPU options from `CPU_COMPILER_OPTIONS` under the CPU forms.
       forms: "auto" ("cpu" on the CPU backend, "native" elsewhere) or one of `FORMS`.
-      gemm_backend: "auto" (MKL where its handler is built, on the CPU, with one device and forms other
-        than native), "xla" or "mkl" (an error where MKL cannot run).
+      gemm_backend: "auto" (MKL where its handler is built, on the CPU, with one device, in float32, and
+        on an Intel CPU under the "cpu" forms or any CPU under "fast"), "xla" or "mkl" (an error where
+        MKL cannot run).
       backend: JAX backend name; default ``jax.default_backend()``.
       num_devices: devices the program will span; default ``jax.device_count()``. MKL's custom call has
         no partitioning rule, so several devices keep XLA's dots.
@@ -218,7 +231,11 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
     num_devices = jax.device_count() if num_devices is None else num_devices
     if gemm_backend == "auto":
         usable = backend == "cpu" and forms != "native" and num_devices == 1 and dtype == "float32"
-        gemm_backend = "mkl" if usable and gemm.problem() is None else "xla"
+        # MKL beat XLA's dots on the Intel Xeon; on AMD's Zen 5 (MKL takes no AVX-512 path there) XLA's were
+        # 1.5-2x faster (VGG-A training 303 img/s against 167). "fast" forces MKL wherever it is built, so the
+        # parity suite's fast column proves its products on every machine.
+        preferred = forms == "fast" or cpu_vendor() == MKL_VENDOR
+        gemm_backend = "mkl" if usable and preferred and gemm.problem() is None else "xla"
     elif gemm_backend == "mkl":
         if backend != "cpu":
             raise ValueError(f"gemm=mkl runs on the CPU only; the backend is {backend}")

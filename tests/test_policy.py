@@ -13,12 +13,14 @@ import pytest
 
 import jaxvgg
 from jaxvgg import gemm
+from jaxvgg import policy as policy_module
 from jaxvgg.policy import CPU_COMPILER_OPTIONS, NATIVE, YNN_FUSION_OPTION, Policy, make_policy
 
 PACKAGE = Path(jaxvgg.__file__).parent
 
 
-def test_auto_resolves_once_from_the_backend():
+def test_auto_resolves_once_from_the_backend(monkeypatch):
+    monkeypatch.setattr(policy_module, "cpu_vendor", lambda: "GenuineIntel")
     cpu = make_policy("vgg11", backend="cpu", num_devices=1)
     assert cpu.forms == "cpu"
     assert cpu.gemm == ("mkl" if gemm.problem() is None else "xla")
@@ -29,6 +31,15 @@ def test_auto_resolves_once_from_the_backend():
     assert make_policy("vgg11", forms="native", backend="cpu") == NATIVE
     fast = make_policy("mnist_lenet", forms="fast", gemm_backend="xla", backend="cpu")
     assert (fast.forms, fast.gemm, fast.compiler_options("train")) == ("fast", "xla", {YNN_FUSION_OPTION: ""})
+
+
+def test_auto_gemm_is_mkl_on_intel_cpus_only_and_always_under_the_fast_forms(monkeypatch):
+    if gemm.problem() is not None:
+        pytest.skip(gemm.problem())
+    for vendor, cpu_gemm in (("GenuineIntel", "mkl"), ("AuthenticAMD", "xla"), ("", "xla")):
+        monkeypatch.setattr(policy_module, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert make_policy("cifar_cnn", backend="cpu", num_devices=1).gemm == cpu_gemm, vendor
+        assert make_policy("cifar_cnn", forms="fast", backend="cpu", num_devices=1).gemm == "mkl", vendor
 
 
 def test_conv_and_pool_forms_of_each_policy():
