@@ -1,6 +1,7 @@
-"""VGG-A (VGG11) on CIFAR-10: the main job.
+"""VGG-A (VGG11) on CIFAR-10: the main job; ``--model`` trains any VGG of the family.
 
     python -m experiments.cifar_vgg --workdir runs/cifar_vgg            # defaults below
+    python -m experiments.cifar_vgg --model vgg11_bn --lr 0.1 --precision bf16 --workdir runs/cifar_vgg11_bn
     python -m experiments.cifar_vgg --schedule plateau --lr 0.01 --nesterov false --label-smoothing 0 \\
         --epochs 74 --workdir runs/cifar_vgg_paper                      # the paper's recipe
     python -m experiments.cifar_vgg --limit 512 --epochs 1              # a quick look
@@ -27,7 +28,14 @@ from jaxvgg import augment, data, evaluation, metrics, optim, plots
 from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
 
-MODEL = "vgg11"  # VGG-A
+MODEL = "vgg11"  # VGG-A, the tutorial's
+# the CIFAR-native VGGs (the paper's head on what the last pool leaves: 512-d at 32x32), with and without BatchNorm
+MODELS = tuple(f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn"))
+
+
+def model_label(name: str) -> str:
+    """"vgg11_bn" -> "VGG11-BN" (VGG-A for the tutorial's vgg11)."""
+    return "VGG-A" if name == MODEL else name.upper().replace("_BN", "-BN")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,8 @@ class Config:
     data_dir: str | None = dataclasses.field(default=None, metadata={
         "help": "folder with cifar-10-binary.tar.gz or cifar-10-batches-bin/ (else $JAXVGG_DATA_DIR, else tfds)"})
     workdir: str = dataclasses.field(default="runs/cifar_vgg", metadata={"help": "where every output goes"})
+    model: str = dataclasses.field(default=MODEL, metadata={
+        "help": "vgg11 is VGG-A (the tutorial's); *_bn: Conv -> BatchNorm -> ReLU", "choices": list(MODELS)})
     image_size: int = dataclasses.field(default=32, metadata={
         "help": "32: CIFAR-native (512-d flatten); 224: the tutorial's resize 256 + crop 224", "choices": [32, 224]})
     epochs: int = dataclasses.field(default=30, metadata={"help": "training epochs"})
@@ -86,18 +96,20 @@ def transforms(image_size: int):
 
 def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState:
     """The step-0 TrainState of a run with ``cfg``; also the template its checkpoints restore into."""
-    model = jaxvgg.create_model(MODEL, num_classes=10, policy=policy, dropout_rate=cfg.dropout)
+    model = jaxvgg.create_model(cfg.model, num_classes=10, policy=policy, dropout_rate=cfg.dropout)
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    params = jaxvgg.init_params(MODEL, key_init, 10, (cfg.image_size, cfg.image_size, 3), dropout_rate=cfg.dropout)
+    variables = jaxvgg.init_params(cfg.model, key_init, 10, (cfg.image_size, cfg.image_size, 3),
+                                   dropout_rate=cfg.dropout)  # params, and batch_stats for BatchNorm models
     lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
         cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
     tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    return TrainState.for_model(MODEL, model, params, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
+    return TrainState.for_model(cfg.model, model, variables, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
-    policy = default_policy(MODEL, cfg.precision)
+    policy = default_policy(cfg.model, cfg.precision)
+    label = model_label(cfg.model)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     state = build_state(cfg, check_batch_size(cfg.batch_size, train), policy)
     params = state.params
-    print(f"VGG-A: {jaxvgg.count_params(params):,} parameters; {policy.describe()}")
+    print(f"{label}: {jaxvgg.count_params(params):,} parameters; {policy.describe()}")
 
     train_tf, eval_tf = transforms(cfg.image_size)
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
@@ -119,18 +131,18 @@ def main(argv: list[str] | None = None) -> dict:
     probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
-    summary = {"test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),
+    summary = {"model": cfg.model, "test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),
                "wall_time_s": train_time, "parameters": jaxvgg.count_params(params), **policy_record(policy), **summary}
     preds = probs.argmax(axis=1)
     figures = [
-        plots.plot_history(history, workdir / "history.png", label="VGG-A on CIFAR-10"),
+        plots.plot_history(history, workdir / "history.png", label=f"{label} on CIFAR-10"),
         plots.plot_confusion_matrix(np.asarray(summary["confusion_matrix"]), data.CIFAR10_CLASSES,
                                     workdir / "confusion_matrix.png"),
         plots.plot_image_grid(test.images[:9], test.labels[:9], preds[:9], data.CIFAR10_CLASSES,
                               workdir / "test_samples.png"),
     ]
     write_summary(workdir, summary)
-    plots.write_report(workdir, "VGG-A on CIFAR-10", summary, figures)
+    plots.write_report(workdir, f"{label} on CIFAR-10", summary, figures)
     print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {test_loss:.4f}; "
           f"vehicle errors within vehicles {summary['superclass']['within_group_error_fraction']['vehicle']}, "
           f"animal errors within animals {summary['superclass']['within_group_error_fraction']['animal']}; "

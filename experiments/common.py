@@ -86,6 +86,9 @@ def validate(config: Any, given: dict[str, str] | None = None) -> None:
     for f in dataclasses.fields(config):
         check = f.metadata.get("check", CHECKS.get(f.name))
         why = check(getattr(config, f.name)) if check is not None else None
+        choices = f.metadata.get("choices")
+        if not why and choices and getattr(config, f.name) not in choices:
+            why = "expected one of " + ", ".join(map(str, choices))
         if why:
             raise ConfigError(f.name, why, (given or {}).get(f.name, getattr(config, f.name)))
     if hasattr(config, "check"):  # checks across fields, e.g. min_lr < max_lr
@@ -144,8 +147,9 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, description
                                 help=help_text)
         else:
             parse = _optional(base) if optional else base
+            choices = f.metadata.get("choices")  # checked by `validate`, so a bad one is one line too
             parser.add_argument(flag, type=remembering(f.name, parse), default=f.default, help=help_text,
-                                choices=f.metadata.get("choices"))
+                                metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
     config = config_cls(**vars(parser.parse_args(argv)))
     validate(config, given)
     return config

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "count_b_as_a": int(cm[b, a])}
 
     tsne_count = min(cfg.tsne_points, len(test))
-    features = evaluation.penultimate_features(MODEL_NAMES[cfg.model], model, {"params": state.params},
+    features = evaluation.penultimate_features(MODEL_NAMES[cfg.model], model, state.variables,
                                                test.images[:tsne_count], transform=normalize)
     embedding = metrics.tsne_embedding(features, seed=cfg.seed)
 

@@ -5,8 +5,10 @@
     python -m experiments.vgg16_transfer --data-root DATA --weights vgg16-397923af.pth --cache-features true
 
 --data-root holds train/ valid/ test/, each with one <class>/ folder of images; --split-from first copies
-a flat <class>/ folder into that layout, 50/25/25 per class (seeded). --weights is a torchvision VGG16
-state_dict (.pth/.pt/.npz); without it torchvision's IMAGENET1K_V1 weights are fetched (online only).
+a flat <class>/ folder into that layout, 50/25/25 per class (seeded). --weights is a torchvision VGG
+state_dict (.pth/.pt/.npz) of --arch (vgg16, the tutorial's, or any of torchvision's eight: vgg11 ...
+vgg19_bn); without it torchvision's IMAGENET1K_V1 weights of --arch are fetched (online only). The
+frozen BatchNorm layers of a *_bn backbone normalise with their ImageNet running statistics.
 
 --cache-features: the frozen part is deterministic under the evaluation transform, so the 4096-d output
 of classifier.4 is computed once per image and only the head trains, on those features (much faster on a
@@ -36,7 +38,7 @@ import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, evaluation, metrics, optim, parallel, plots
-from jaxvgg.models import TRANSFER_PREFIX
+from jaxvgg.models import TRANSFER_PREFIX, VGG_ARCHS, transfer_arch
 from jaxvgg.train import FitConfig, TrainState, fit
 
 MODEL = "vgg16_transfer"
@@ -55,7 +57,9 @@ class Config:
     split_from: str | None = dataclasses.field(default=None, metadata={
         "help": "flat <class>/ image folder to split 50/25/25 per class (seeded) into --data-root first"})
     weights: str | None = dataclasses.field(default=None, metadata={
-        "help": "torchvision VGG16 state_dict (.pth/.pt/.npz); default: torchvision's IMAGENET1K_V1 (online)"})
+        "help": "torchvision state_dict of --arch (.pth/.pt/.npz); default: torchvision's IMAGENET1K_V1 (online)"})
+    arch: str = dataclasses.field(default="vgg16", metadata={
+        "help": "the torchvision VGG whose features transfer (the tutorial's vgg16)", "choices": list(VGG_ARCHS)})
     workdir: str = dataclasses.field(default="runs/vgg16_transfer", metadata={"help": "where every output goes"})
     epochs: int = dataclasses.field(default=30, metadata={"help": "most training epochs (early stopping may end sooner)"})
     batch_size: int = dataclasses.field(default=128, metadata={"help": "global batch size"})
@@ -139,20 +143,23 @@ def transforms(rotation: float, jitter: float) -> tuple[Callable, Callable]:
 
 # --- weights ----------------------------------------------------------------------------------------
 
-def pretrained_state_dict(path: str | None, quiet: bool = False) -> dict[str, np.ndarray]:
-    """The VGG16 state_dict at ``path``, else torchvision's ImageNet weights (needs torchvision and internet)."""
+def pretrained_state_dict(path: str | None, quiet: bool = False, arch: str = "vgg16") -> dict[str, np.ndarray]:
+    """The state_dict at ``path``, else torchvision's ImageNet weights of ``arch`` (needs torchvision and internet)."""
     if path is not None:
         return jaxvgg.load_torch_state_dict(path)
+    url = IMAGENET_WEIGHTS_URL if arch == "vgg16" else f"torchvision's {arch} IMAGENET1K_V1 weights"
     try:
-        from torchvision.models import VGG16_Weights
+        from torchvision.models import get_model_weights
     except ImportError as err:
-        raise FileNotFoundError("no --weights given, and torchvision is not installed to fetch its ImageNet VGG16 "
-                                f"weights: download {IMAGENET_WEIGHTS_URL} and pass --weights PATH") from err
-    try:  # the state_dict of torchvision.models.vgg16(weights="IMAGENET1K_V1"), without building the model
-        state_dict = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=not quiet)
+        raise FileNotFoundError(f"no --weights given, and torchvision is not installed to fetch its ImageNet {arch} "
+                                f"weights: download {url} and pass --weights PATH") from err
+    weights = get_model_weights(arch).IMAGENET1K_V1
+    url = weights.url
+    try:  # the state_dict of torchvision.models.<arch>(weights="IMAGENET1K_V1"), without building the model
+        state_dict = weights.get_state_dict(progress=not quiet)
     except Exception as err:  # offline: URLError, OSError, RuntimeError from torch.hub
-        raise FileNotFoundError(f"no --weights given, and torchvision could not fetch its ImageNet VGG16 weights "
-                                f"({type(err).__name__}: {err}); download {IMAGENET_WEIGHTS_URL} where there is "
+        raise FileNotFoundError(f"no --weights given, and torchvision could not fetch its ImageNet {arch} weights "
+                                f"({type(err).__name__}: {err}); download {url} where there is "
                                 "internet and pass --weights PATH") from err
     return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
 
@@ -166,15 +173,18 @@ def count_trainable(params: Any) -> int:
 
 # --- test-time augmentation -----------------------------------------------------------------------
 
-def tta_probabilities(model: nn.Module, params: Any, dataset: data.Dataset, train_tf: Callable, views: int,
+def tta_probabilities(model: nn.Module, variables: Any, dataset: data.Dataset, train_tf: Callable, views: int,
                       seed: int, batch_size: int, quiet: bool) -> np.ndarray:
-    """Class probabilities averaged over ``views`` training-transform views of every image (float64)."""
-    fn = parallel.compile_step(lambda p, key, images: model.apply({"params": p}, train_tf(key, images)),
+    """Class probabilities averaged over ``views`` training-transform views of every image (float64).
+
+    ``variables``: the model's ``{"params": ...}`` (and ``"batch_stats"``), or its bare params."""
+    variables = variables if "params" in variables else {"params": variables}
+    fn = parallel.compile_step(lambda v, key, images: model.apply(v, train_tf(key, images)),
                                model.policy, "infer")
     total = np.zeros((len(dataset), dataset.num_classes))
     for view in tqdm(range(views), desc="TTA", unit="view", disable=quiet, leave=False):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), view)
-        parts = [np.asarray(fn(params, jax.random.fold_in(key, i), batch["image"]),
+        parts = [np.asarray(fn(variables, jax.random.fold_in(key, i), batch["image"]),
                             np.float64)[:int(batch["mask"].sum())]
                  for i, batch in enumerate(data.padded_batches(dataset.images, batch_size))]
         probs = np.exp(np.concatenate(parts))
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
-    state_dict = pretrained_state_dict(cfg.weights, cfg.quiet)  # first: a missing file fails before any work
+    state_dict = pretrained_state_dict(cfg.weights, cfg.quiet, cfg.arch)  # first: a missing file fails before work
     splits = load_splits(cfg, workdir)
     train, val, test = splits["train"], splits["valid"], splits["test"]
     check_batch_size(cfg.batch_size, train)
@@ -204,13 +214,21 @@ def main(argv: list[str] | None = None) -> dict:
           f"{jax.device_count()} {jax.default_backend()} device(s)")
 
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = jaxvgg.create_model(MODEL, num_classes, policy=policy)
-    fresh = jaxvgg.init_params(MODEL, key_init, num_classes)["params"]
-    pretrained = jaxvgg.from_torch("vgg16_torchvision", state_dict)["params"]
-    params = jaxvgg.transplant(pretrained, fresh, keep=(TRANSFER_PREFIX,))  # every layer but the new head
+    arch = transfer_arch(cfg.arch)
+    model = jaxvgg.create_model(MODEL, num_classes, policy=policy, **arch)
+    fresh = jaxvgg.init_params(MODEL, key_init, num_classes, **arch)["params"]
+    try:
+        pretrained = jaxvgg.from_torch(f"{cfg.arch}_torchvision", state_dict)
+    except ValueError as err:  # one line: the first problem and how many more
+        problems = str(err).splitlines()[1:]
+        more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ConfigError("weights", f"not a torchvision {cfg.arch} state_dict (see --arch): "
+                                     f"{problems[0].strip() if problems else err}{more}", cfg.weights) from None
+    params = jaxvgg.transplant(pretrained["params"], fresh, keep=(TRANSFER_PREFIX,))  # every layer but the new head
+    stats = {"batch_stats": pretrained["batch_stats"]} if "batch_stats" in pretrained else {}  # frozen: eval mode
     del state_dict, pretrained, fresh
     total, trainable = jaxvgg.count_params(params), count_trainable(params)
-    print(f"VGG16 transfer, {num_classes} classes: {total:,} parameters, {trainable:,} trainable "
+    print(f"{cfg.arch.upper()} transfer, {num_classes} classes: {total:,} parameters, {trainable:,} trainable "
           f"({total - trainable:,} frozen)")
 
     train_tf, eval_tf = transforms(cfg.rotation, cfg.jitter)
@@ -219,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                         quiet=cfg.quiet)
     if cfg.cache_features:
         t0 = time.perf_counter()
-        train_x, val_x, test_x = evaluation.extract_features(model, {"params": params}, [train, val, test],
+        train_x, val_x, test_x = evaluation.extract_features(model, {"params": params, **stats}, [train, val, test],
                                                              FEATURE_LAYER, transform=eval_tf,
                                                              batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
         print(f"cached {FEATURE_LAYER} features of {len(train) + len(val) + len(test)} images "
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     else:
         tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, params))
-        state = TrainState.for_model(MODEL, model, params, tx, rng=key_train)  # log_softmax outputs: NLL loss
+        state = TrainState.for_model(MODEL, model, {"params": params, **stats}, tx, rng=key_train)  # NLL loss
         state, history = fit(state, train, val, dataclasses.replace(fit_cfg, eval_batch_size=cfg.eval_batch_size),
                              train_transform=train_tf, eval_transform=eval_tf)
         params = state.params
@@ -247,10 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
                "top5_accuracy": metrics.topk_accuracy(test.labels, probs, k), "top_k": k,
                "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "parameters": total, "trainable_parameters": trainable, "cached_features": cfg.cache_features,
+               "arch": cfg.arch, "parameters": total, "trainable_parameters": trainable, "cached_features": cfg.cache_features,
                **policy_record(policy)}
     if cfg.tta:
-        tta_probs = tta_probabilities(model, params, test, train_tf, cfg.tta, cfg.seed, cfg.eval_batch_size, cfg.quiet)
+        tta_probs = tta_probabilities(model, {"params": params, **stats}, test, train_tf, cfg.tta, cfg.seed,
+                                      cfg.eval_batch_size, cfg.quiet)
         summary.update(tta_views=cfg.tta, tta_accuracy=metrics.accuracy(test.labels, tta_probs.argmax(axis=1)),
                        tta_top5_accuracy=metrics.topk_accuracy(test.labels, tta_probs, k),
                        tta_loss=tta_nll(tta_probs, test.labels))
@@ -262,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     shown = np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:8])
     ranking = metrics.topk_ranking(probs[shown], k)
     figures = [
-        plots.plot_history(history, workdir / "history.png", label=f"VGG16 transfer, {num_classes} classes"),
+        plots.plot_history(history, workdir / "history.png",
+                           label=f"{cfg.arch.upper()} transfer, {num_classes} classes"),
         plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), class_names,
                                     workdir / "confusion_matrix.png"),
         plots.plot_per_class_vs_count(per_class, train_counts, class_names, workdir / "per_class_vs_count.png"),
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_summary(workdir, summary)
     notes = ("Features were cached: the head trained on evaluation-view features, without training augmentation."
              if cfg.cache_features else "")
-    plots.write_report(workdir, f"VGG16 transfer learning ({num_classes} classes)", summary, figures, extra_md=notes)
+    plots.write_report(workdir, f"{cfg.arch.upper()} transfer learning ({num_classes} classes)", summary, figures, extra_md=notes)
     print(f"test accuracy {summary['test_accuracy']:.4f}, top-{k} {summary['top5_accuracy']:.4f}, "
           f"test loss {test_loss:.4f}"
           + (f"; with {cfg.tta}-view TTA {summary['tta_accuracy']:.4f}" if cfg.tta else "")

@@ -78,15 +78,17 @@ class Config:
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
 
 
-def load_backbone(run_dir: str | Path, policy: Policy) -> tuple[Any, Any, dict]:
-    """(VGG-A model, params, info) from the best checkpoint of a cifar_vgg run in ``run_dir``.
+def load_backbone(run_dir: str | Path, policy: Policy, layer: str = FEATURE_LAYER) -> tuple[Any, Any, dict]:
+    """(model, variables, info) from the best checkpoint of a cifar_vgg run in ``run_dir``.
 
-    Reads the run's config.json (image size, dropout) and only the parameters of its checkpoint, which
-    `jaxvgg.convert.transplant` checks against a fresh VGG-A's layers and shapes.
+    Reads the run's config.json (model, image size, dropout) and only the variables of its checkpoint
+    (parameters, and BatchNorm statistics), which `jaxvgg.convert.transplant` checks against a fresh
+    model's layers and shapes.
 
     Raises:
       FileNotFoundError: no config.json or no checkpoint there, naming the folder.
-      ConfigError: a run at another image size than 32, or one whose weights are not VGG-A's.
+      ConfigError: a run at another image size than 32, one whose weights are not its model's, or a
+        features_* ``layer`` (VGG-A's indices) on another VGG.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -97,21 +99,26 @@ def load_backbone(run_dir: str | Path, policy: Policy) -> tuple[Any, Any, dict]:
     if saved.get("image_size", 32) != 32:
         raise ConfigError("backbone", f"{config_path} is a run at image_size {saved['image_size']}; the MNIST "
                                       "transfer needs a 32x32 backbone", str(run_dir))
+    name = saved.get("model", BACKBONE_MODEL)  # runs before --model existed trained VGG-A
+    if name != BACKBONE_MODEL and layer.startswith("features_"):
+        raise ConfigError("layer", f"the features_* choices are VGG-A's indices; the backbone is {name}: "
+                                   "use a classifier_* layer", layer)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=1, best_metric="val_accuracy")
     best = checkpoints.best_epoch() is not None
-    params, meta = checkpoints.restore_params(best=best)  # FileNotFoundError when there is none
+    variables, meta = checkpoints.restore_variables(best=best)  # FileNotFoundError when there is none
     checkpoints.close()
-    fresh = jaxvgg.init_params(BACKBONE_MODEL, jax.random.PRNGKey(0), 10, (32, 32, 3))
+    fresh = jaxvgg.init_params(name, jax.random.PRNGKey(0), 10, (32, 32, 3))
     try:
-        params = jaxvgg.transplant(params, fresh)
+        params = jaxvgg.transplant(variables["params"], fresh)
+        if "batch_stats" in fresh:
+            variables["batch_stats"] = jaxvgg.transplant(variables.get("batch_stats", {}), fresh["batch_stats"])
     except ValueError as e:
-        raise ConfigError("backbone", f"its checkpoint is not a 10-class VGG-A: {e}", str(run_dir)) from None
+        raise ConfigError("backbone", f"its checkpoint is not a 10-class {name}: {e}", str(run_dir)) from None
     val_acc = meta["history"]["epoch"]["val_accuracy"][meta["epoch"] - 1]
-    info = {"backbone": str(run_dir), "backbone_epoch": meta["epoch"], "backbone_checkpoint": "best" if best else "last",
-            "backbone_val_accuracy": val_acc}
-    model = jaxvgg.create_model(BACKBONE_MODEL, num_classes=10, policy=policy,
-                                dropout_rate=saved.get("dropout", 0.5))
-    return model, params, info
+    info = {"backbone": str(run_dir), "backbone_model": name, "backbone_epoch": meta["epoch"],
+            "backbone_checkpoint": "best" if best else "last", "backbone_val_accuracy": val_acc}
+    model = jaxvgg.create_model(name, num_classes=10, policy=policy, dropout_rate=saved.get("dropout", 0.5))
+    return model, {**variables, "params": params}, info
 
 
 def mnist_as_cifar(images: jax.Array) -> jax.Array:
@@ -123,16 +130,17 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     head_policy = default_policy(HEAD_MODEL, cfg.precision)
-    model, params, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL, cfg.precision))  # a missing run fails first
+    model, variables, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL, cfg.precision),
+                                           cfg.layer)  # a missing run fails first
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(head_policy))
     started = time.perf_counter()
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
     check_batch_size(cfg.batch_size, train)
-    print(f"backbone: VGG-A epoch {info['backbone_epoch']} ({info['backbone_checkpoint']}) of {cfg.backbone}, "
-          f"CIFAR-10 val accuracy {info['backbone_val_accuracy']:.4f}")
+    print(f"backbone: {info['backbone_model']} epoch {info['backbone_epoch']} ({info['backbone_checkpoint']}) "
+          f"of {cfg.backbone}, CIFAR-10 val accuracy {info['backbone_val_accuracy']:.4f}")
 
     t0 = time.perf_counter()
-    train_x, val_x, test_x = evaluation.extract_features(model, {"params": params}, [train, val, test], cfg.layer,
+    train_x, val_x, test_x = evaluation.extract_features(model, variables, [train, val, test], cfg.layer,
                                                          transform=mnist_as_cifar, batch_size=cfg.eval_batch_size,
                                                          quiet=cfg.quiet)
     width = int(train_x.images.shape[1])
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     head = jaxvgg.create_model(HEAD_MODEL, train.num_classes, policy=head_policy)
     head_params = jaxvgg.init_params(HEAD_MODEL, jax.random.PRNGKey(cfg.seed), train.num_classes, (width,))
     trainable = jaxvgg.count_params(head_params)
-    print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(params):,} frozen ones")
+    print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(variables['params']):,} frozen ones")
     state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr),
                                  rng=jax.random.PRNGKey(cfg.seed + 1))
     fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),

@@ -117,10 +117,17 @@ class Checkpoints:
 
         For reading a finished run's weights (a transfer backbone, say) without rebuilding its optimizer.
         """
+        variables, meta = self.restore_variables(epoch, best)
+        return variables["params"], meta
+
+    def restore_variables(self, epoch: int | None = None, best: bool = False) -> tuple[dict, dict]:
+        """(``{"params": ...}`` of a saved `TrainState`, with ``"batch_stats"`` when it has BatchNorm
+        statistics, as numpy arrays; meta), without a template of the state: what ``model.apply`` takes."""
         state, meta, epoch, directory = self._restore(None, epoch, best)
         if not isinstance(state, dict) or "params" not in state:
             raise ValueError(f"checkpoint {epoch} in {directory} holds no TrainState params")
-        return jax.tree_util.tree_map(np.asarray, state["params"]), meta
+        variables = {c: state[c] for c in ("params", "batch_stats") if state.get(c) is not None}
+        return jax.tree_util.tree_map(np.asarray, variables), meta
 
     def restore_meta(self, epoch: int, best: bool = False) -> dict:
         """Only the JSON part of a checkpoint."""

@@ -5,6 +5,11 @@ so ``features.3.weight`` <-> ``params/features_3/kernel``. Layouts:
   conv weight   torch (O, I, kH, kW)  <-> flax (kH, kW, I, O)
   linear weight torch (out, in)       <-> flax (in, out)
   bias          (out,)                 <-> (out,)
+  BatchNorm     weight, bias           <-> params scale, bias
+                running_mean, running_var, num_batches_tracked
+                                       <-> batch_stats mean, var, num_batches_tracked
+A state_dict without ``num_batches_tracked`` (torchvision's older checkpoints) loads with 0, as torch
+loads it; with it, torch -> flax -> torch returns every tensor bit for bit.
 The models flatten in torch's (C, H, W) order before their first Linear layer (`layers.torch_flatten`),
 so that layer's weight needs only the transpose above — no row permutation — at any input size
 (2x2x256 in the CIFAR CNN, 7x7x512 in VGG at 224).
@@ -22,8 +27,12 @@ from flax import traverse_util
 
 from jaxvgg import models
 
-# torch buffers that carry no weights; anything else unexpected is an error.
-_WEIGHTLESS_BUFFERS = ("num_batches_tracked",)
+# flax (collection, leaf) <-> torch's last key component
+_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+               ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var",
+               ("batch_stats", "num_batches_tracked"): "num_batches_tracked"}
+# torch buffers that may be absent (torch fills them in on load too)
+_OPTIONAL = ("num_batches_tracked",)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -32,10 +41,11 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def torch_key(flax_path: tuple[str, ...]) -> str:
-    """('features_0', 'kernel') -> 'features.0.weight'."""
+def torch_key(flax_path: tuple[str, ...], collection: str = "params") -> str:
+    """('features_0', 'kernel') -> 'features.0.weight'; ('features_1', 'mean') in batch_stats ->
+    'features.1.running_mean'."""
     *layer, leaf = flax_path
-    return ".".join(layer).replace("_", ".") + "." + {"kernel": "weight", "bias": "bias"}[leaf]
+    return ".".join(layer).replace("_", ".") + "." + _TORCH_LEAF[collection, leaf]
 
 
 def torch_to_flax_array(leaf: str, value: np.ndarray) -> np.ndarray:
@@ -56,14 +66,21 @@ def flax_to_torch_array(leaf: str, value: np.ndarray) -> np.ndarray:
     return value.T
 
 
-def expected_param_shapes(name: str, input_shape: tuple[int, int, int] | None = None,
-                          **model_kw: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flat {flax path: shape} of a named model's params, without allocating them."""
+def expected_variables(name: str, input_shape: tuple[int, int, int] | None = None,
+                       **model_kw: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """Flat {(collection, *flax path): shape and dtype} of a named model's variables (params, and
+    batch_stats for BatchNorm models), without allocating them."""
     model = models.create_model(name, **model_kw)
     shape = tuple(input_shape or models.get_spec(name).input_shape)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape), np.float32))
-    return {path: tuple(leaf.shape)
-            for path, leaf in traverse_util.flatten_dict(abstract["params"]).items()}
+    return {path: leaf for path, leaf in traverse_util.flatten_dict(dict(abstract)).items()}
+
+
+def expected_param_shapes(name: str, input_shape: tuple[int, int, int] | None = None,
+                          **model_kw: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {flax path: shape} of a named model's params, without allocating them."""
+    return {path[1:]: tuple(leaf.shape) for path, leaf in expected_variables(name, input_shape, **model_kw).items()
+            if path[0] == "params"}
 
 
 def from_torch(name: str, state_dict: Mapping[str, Any], *, input_shape: tuple[int, int, int] | None = None,
@@ -78,40 +95,48 @@ def from_torch(name: str, state_dict: Mapping[str, Any], *, input_shape: tuple[i
       **model_kw: passed to `create_model` (``num_classes`` ...).
 
     Returns:
-      ``{"params": ...}`` with numpy float32 leaves.
+      ``{"params": ...}`` with numpy float32 leaves, and ``"batch_stats"`` for BatchNorm models
+      (float32 running statistics, int32 ``num_batches_tracked``).
 
     Raises:
       ValueError: listing every missing key, unexpected key and wrong shape (expected vs found).
     """
-    expected = expected_param_shapes(name, input_shape, **model_kw)
-    by_key = {torch_key(path): path for path in expected}
-    given = {k: v for k, v in state_dict.items() if not k.endswith(_WEIGHTLESS_BUFFERS)}
+    expected = expected_variables(name, input_shape, **model_kw)
+    by_key = {torch_key(path[1:], path[0]): path for path in expected}
+    given = dict(state_dict)
 
-    problems = [f"missing key {k!r} (expected shape {tuple(_torch_shape(p, expected[p]))})"
-                for k, p in by_key.items() if k not in given]
+    problems = [f"missing key {k!r} (expected shape {_torch_shape(p, expected[p].shape)})"
+                for k, p in by_key.items() if k not in given and not k.endswith(_OPTIONAL)]
     problems += [f"unexpected key {k!r} (shape {tuple(np.shape(_to_numpy(v)))})"
                  for k, v in given.items() if k not in by_key]
     flat = {}
     for k, path in by_key.items():
+        want = expected[path]
         if k not in given:
+            if k.endswith(_OPTIONAL):
+                flat[path] = np.zeros(want.shape, want.dtype)
             continue
         value = torch_to_flax_array(path[-1], _to_numpy(given[k]))
-        if value.shape != expected[path]:
-            problems.append(f"wrong shape for {k!r}: expected {_torch_shape(path, expected[path])}, "
+        if value.shape != want.shape:
+            problems.append(f"wrong shape for {k!r}: expected {_torch_shape(path, want.shape)}, "
                             f"found {tuple(np.shape(_to_numpy(given[k])))}")
             continue
         # copy: torch tensors' .numpy() share memory, and a torch optimizer would change them under us
-        flat[path] = np.array(value, np.float32, copy=True)
+        dtype = want.dtype if np.issubdtype(want.dtype, np.integer) else np.float32
+        flat[path] = np.array(value, dtype, copy=True)
     if problems:
         hint = ""
-        if name == "vgg11" and any("classifier.0.weight" in p for p in problems):
-            hint = " (vgg11's first Linear size follows the image size: pass input_shape=(32, 32, 3) for CIFAR)"
+        if f"{name}_torchvision" in models.MODELS and any("classifier.0.weight" in p for p in problems):
+            hint = (f" ({name}'s first Linear size follows the image size: pass input_shape=(32, 32, 3) for CIFAR, "
+                    f"or use {name}_torchvision for torchvision's 7x7-pooled head)")
+        elif any(".running_mean" in p for p in problems):
+            hint = " (BatchNorm buffers: a state_dict of torchvision's vgg*_bn loads into the *_bn models)"
         raise ValueError(f"state_dict does not fit {name!r}{hint}:\n  " + "\n  ".join(problems))
-    return {"params": traverse_util.unflatten_dict(flat)}
+    return traverse_util.unflatten_dict(flat)
 
 
 def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return flax_to_torch_array(path[-1], np.empty(flax_shape, np.uint8)).shape
+    return tuple(flax_to_torch_array(path[-1], np.empty(flax_shape, np.uint8)).shape)
 
 
 def to_torch(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -121,9 +146,15 @@ def to_torch(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     itself is the same for every model. Values are numpy arrays (``torch.from_numpy`` them to load).
     """
     models.get_spec(name)
-    params = variables.get("params", variables)
-    return {torch_key(path): np.ascontiguousarray(flax_to_torch_array(path[-1], np.asarray(leaf)))
-            for path, leaf in traverse_util.flatten_dict(params).items()}
+    collections = ({c: variables[c] for c in ("params", "batch_stats") if c in variables} if "params" in variables
+                   else {"params": variables})
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(collections).items():
+        value = np.asarray(leaf)
+        if path[-1] == "num_batches_tracked":
+            value = value.astype(np.int64)  # torch's dtype for the counter
+        out[torch_key(path[1:], path[0])] = np.array(flax_to_torch_array(path[-1], value), order="C")  # keeps 0-d
+    return out
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

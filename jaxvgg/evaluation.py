@@ -4,7 +4,7 @@
 
     log_probs = predict_log_probs(state, test, eval_tf)            # float64 (N, C), rows logsumexp to 0
     probs = predict_probs(state, test, eval_tf)                    # float64 (N, C), rows sum to 1
-    feats = penultimate_features("mnist_lenet", model, {"params": state.params}, test.images[:2000],
+    feats = penultimate_features("mnist_lenet", model, state.variables, test.images[:2000],
                                  transform=eval_tf)                # (2000, 84): the input of fc3
     train_x, test_x = extract_features(model, variables, [train, test], "classifier_4", transform=eval_tf)
 """
@@ -30,9 +30,8 @@ _PENULTIMATE: dict[str, tuple[str | None, Callable | None]] = {
     "mnist_lenet": ("fc2", nn.relu),  # fc3(relu(fc2(x)))
     "cifar_cnn": ("fc2", nn.relu),
     # VGG: classifier_6 reads the output of the Dropout classifier_5 (the identity in eval mode)
-    "vgg11": ("classifier_5", None),
-    "vgg11_torchvision": ("classifier_5", None),
-    "vgg16_torchvision": ("classifier_5", None),
+    **{name: ("classifier_5", None) for name in models.list_models()
+       if name.startswith("vgg") and name != "vgg16_transfer"},
     "vgg16_transfer": ("classifier_6_2", None),  # the new head's last Linear is classifier_6_3
     "transfer_head": ("classifier_6_2", None),
 }
@@ -84,7 +83,7 @@ def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str |
 
     Args:
       model: a flax module whose layers `models.layer_outputs` names (every registry model).
-      variables: ``{"params": ...}``.
+      variables: ``{"params": ...}`` (and ``"batch_stats"`` for BatchNorm models: evaluation reads them).
       examples: (N, H, W, C) images, a `data.Dataset` or `data.Features`.
       layer: torch-style layer name (``classifier_4``, ``features_15``); None: the (transformed) input.
       transform: jittable ``images -> float32`` applied per batch (e.g. normalisation), or None.
@@ -141,7 +140,7 @@ def penultimate_features(model_name: str, model: nn.Module, variables: Any, imag
     Args:
       model_name: a registry name with a known last layer (see ``_PENULTIMATE``).
       model: the flax module (``jaxvgg.create_model(model_name)``).
-      variables: ``{"params": ...}``.
+      variables: ``{"params": ...}`` (and ``"batch_stats"`` for BatchNorm models: evaluation reads them).
       images: (N, H, W, C) images, uint8 when ``transform`` maps them to floats.
       transform: jittable ``images -> float32`` applied per batch (e.g. normalisation), or None.
       batch_size: images per forward pass; the last batch is padded so one compiled shape serves all.

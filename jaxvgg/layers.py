@@ -281,6 +281,55 @@ def torch_dense(name: str, features: int, in_features: int, policy: Policy = NAT
                  policy=policy, name=name)
 
 
+# --- batch normalisation ---------------------------------------------------------------------
+
+class BatchNorm2d(nn.Module):
+    """torch.nn.BatchNorm2d (affine, running statistics) on NHWC inputs, with PyTorch's semantics.
+
+    Parameters ``scale`` / ``bias`` (torch's ``weight`` / ``bias``) and the ``batch_stats`` collection
+    ``mean`` / ``var`` / ``num_batches_tracked`` (torch's ``running_mean`` / ``running_var`` /
+    ``num_batches_tracked``). Training (``train=True``, ``batch_stats`` mutable) normalises with the
+    batch mean and *biased* variance over (B, H, W) and moves the running statistics as torch does:
+    ``running = (1 - momentum) * running + momentum * batch``, the variance term being the *unbiased*
+    batch variance, n / (n - 1) times the biased one (flax's own ``nn.BatchNorm`` stores the biased one,
+    and its ``momentum`` is the weight of the old value, 0.9 for torch's 0.1). Evaluation normalises
+    with the running statistics. Statistics and normalisation run in float32 (or the input's wider
+    dtype) whatever the compute precision; the output is in the policy's compute dtype.
+
+    Under ``jax.jit`` over a data-parallel mesh the batch is the global one: the means are all-reduced
+    by XLA's partitioner, so the statistics are those of torch's SyncBatchNorm, not DDP's per-device ones.
+    """
+
+    momentum: float = 0.1  # torch's: the weight of the new batch statistic
+    epsilon: float = 1e-5
+    policy: Policy = NATIVE
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        mean_v = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        var_v = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count_v = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        xw = x.astype(wide)
+        if train:
+            n = x.size // c
+            mean = jnp.mean(xw, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xw - mean), axis=(0, 1, 2))  # biased: what the batch is normalised by
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                m = self.momentum
+                unbiased = var * (n / max(n - 1, 1))
+                mean_v.value = ((1 - m) * mean_v.value + m * jax.lax.stop_gradient(mean)).astype(mean_v.value.dtype)
+                var_v.value = ((1 - m) * var_v.value + m * jax.lax.stop_gradient(unbiased)).astype(var_v.value.dtype)
+                count_v.value = count_v.value + 1
+        else:
+            mean, var = mean_v.value.astype(wide), var_v.value.astype(wide)
+        y = (xw - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale.astype(wide)) + bias.astype(wide)
+        return y.astype(self.policy.compute_dtype) if mixed(self.policy.dtype) else y.astype(x.dtype)
+
+
 # --- pools and reshapes ----------------------------------------------------------------------
 
 def max_pool_2x2(x: jax.Array, form: str = "reduce_window") -> jax.Array:

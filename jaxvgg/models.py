@@ -8,7 +8,7 @@ is float32: the final log-softmax runs in float32, as torch.autocast runs it.
 Every module names its layers after the PyTorch state_dict key of the layer it mirrors, with
 ``.`` written as ``_`` (``features.0`` -> ``features_0``, ``classifier.6.0`` -> ``classifier_6_0``),
 so `jaxvgg.convert` needs no per-model table. The outputs torch forward hooks would see are in the
-``intermediates`` collection under the same names: layers that are modules (Conv, Dense, Dropout)
+``intermediates`` collection under the same names: layers that are modules (Conv, BatchNorm, Dense, Dropout)
 through ``capture_intermediates=INTERMEDIATE_LAYERS``, functional ones (ReLU, max-pool, adaptive
 pool, log-softmax) sown by the network; see `layer_outputs`.
 
@@ -27,15 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvgg.layers import (Conv2d, Dense, adaptive_avg_pool, max_pool_2x2, torch_conv, torch_dense, torch_flatten)
+from jaxvgg.layers import (BatchNorm2d, Conv2d, Dense, adaptive_avg_pool, max_pool_2x2, torch_conv, torch_dense,
+                           torch_flatten)
 from jaxvgg.policy import NATIVE, Policy, make_policy
 
 # VGG configurations: conv widths, "M" = 2x2 max-pool (Simonyan & Zisserman 2015, Table 1;
 # the same lists as torchvision.models.vgg.cfgs).
 VGG_CFGS: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
+VGG_DEPTHS = {11: "A", 13: "B", 16: "D", 19: "E"}  # torchvision's names for the paper's configurations
 
 # torchvision.models.VGG._initialize_weights: kaiming_normal_(fan_out, relu) convs, N(0, 0.01) linears,
 # zero biases.
@@ -79,6 +83,8 @@ class VGG(nn.Module):
 
     Attributes:
       cfg: conv widths and "M" for max-pool.
+      batch_norm: Conv -> BatchNorm2d -> ReLU per width (torchvision's ``make_layers(batch_norm=True)``:
+        three ``features`` indices per conv instead of two; the conv keeps its bias).
       num_classes: outputs of the last Linear layer.
       avgpool_size: torchvision's AdaptiveAvgPool2d((7, 7)) when set; None for the paper/tutorial
         network that flattens whatever the last pool leaves (512 at 32x32, 25,088 at 224x224).
@@ -91,6 +97,7 @@ class VGG(nn.Module):
     """
 
     cfg: Sequence[int | str]
+    batch_norm: bool = False
     num_classes: int = 1000
     avgpool_size: tuple[int, int] | None = None
     hidden: int = 4096
@@ -111,6 +118,9 @@ class VGG(nn.Module):
             else:
                 x = Conv2d(int(v), 3, 1, kernel_init=vgg_conv_init, bias_init=nn.initializers.zeros,
                            policy=self.policy, name=f"features_{idx}")(x, features_train)
+                if self.batch_norm:
+                    idx += 1
+                    x = BatchNorm2d(policy=self.policy, name=f"features_{idx}")(x, features_train)
                 x = _record(self, f"features_{idx + 1}", nn.relu(x))
                 idx += 2
         if self.avgpool_size is not None:
@@ -213,7 +223,8 @@ class MnistLeNet(nn.Module):
 
 def INTERMEDIATE_LAYERS(module: nn.Module, method_name: str) -> bool:
     """capture_intermediates filter: the outputs of the layers that mirror torch modules."""
-    return method_name == "__call__" and isinstance(module, (Conv2d, Dense, nn.Conv, nn.Dense, nn.Dropout))
+    return method_name == "__call__" and isinstance(module, (Conv2d, BatchNorm2d, Dense, nn.Conv, nn.Dense,
+                                                             nn.Dropout))
 
 
 def layer_outputs(model: nn.Module, variables: Any, x: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict]:
@@ -241,16 +252,34 @@ class ModelSpec:
     frozen_prefixes: tuple[str, ...] = ()  # parameter-name prefixes that do not train
 
 
-vgg11 = partial(VGG, VGG_CFGS["A"])
-vgg11_torchvision = partial(VGG, VGG_CFGS["A"], avgpool_size=(7, 7))
-vgg16_torchvision = partial(VGG, VGG_CFGS["D"], avgpool_size=(7, 7))
-vgg16_transfer = partial(VGG, VGG_CFGS["D"], avgpool_size=(7, 7), transfer_head=TRANSFER_HEAD,
+def _vgg_variants() -> dict[str, ModelSpec]:
+    """vgg{11,13,16,19}[_bn]: the paper/CIFAR-native head (flatten what the last pool leaves);
+    vgg{11,13,16,19}[_bn]_torchvision: torchvision's (AdaptiveAvgPool 7x7), loading its state_dicts unchanged."""
+    specs = {}
+    for depth, cfg in VGG_DEPTHS.items():
+        for bn in (False, True):
+            name = f"vgg{depth}{'_bn' if bn else ''}"
+            specs[name] = ModelSpec(partial(VGG, VGG_CFGS[cfg], batch_norm=bn), (224, 224, 3), 1000, log_probs=False)
+            specs[f"{name}_torchvision"] = ModelSpec(partial(VGG, VGG_CFGS[cfg], batch_norm=bn, avgpool_size=(7, 7)),
+                                                     (224, 224, 3), 1000, log_probs=False)
+    return specs
+
+
+def transfer_arch(arch: str) -> dict[str, Any]:
+    """`create_model` keywords that give vgg16_transfer the backbone of torchvision VGG ``arch``
+    (``vgg16``, ``vgg11_bn`` ...); its pretrained weights are ``from_torch(f"{arch}_torchvision", ...)``."""
+    depth, _, bn = arch.removeprefix("vgg").partition("_")
+    if not depth.isdigit() or int(depth) not in VGG_DEPTHS or bn not in ("", "bn"):
+        raise ValueError(f"unknown VGG architecture {arch!r}; expected one of {', '.join(VGG_ARCHS)}")
+    return {"cfg": VGG_CFGS[VGG_DEPTHS[int(depth)]], "batch_norm": bool(bn)}
+
+
+VGG_ARCHS = tuple(f"vgg{d}{bn}" for d in VGG_DEPTHS for bn in ("", "_bn"))  # torchvision's eight constructors
+vgg16_transfer = partial(VGG, cfg=VGG_CFGS["D"], avgpool_size=(7, 7), transfer_head=TRANSFER_HEAD,
                          freeze_features=True)
 
 MODELS: dict[str, ModelSpec] = {
-    "vgg11": ModelSpec(vgg11, (224, 224, 3), 1000, log_probs=False),
-    "vgg11_torchvision": ModelSpec(vgg11_torchvision, (224, 224, 3), 1000, log_probs=False),
-    "vgg16_torchvision": ModelSpec(vgg16_torchvision, (224, 224, 3), 1000, log_probs=False),
+    **_vgg_variants(),
     "vgg16_transfer": ModelSpec(vgg16_transfer, (224, 224, 3), 100, log_probs=True,
                                 frozen_prefixes=("features_", "classifier_0", "classifier_3")),
     # the new head alone, on cached 4096-d classifier.4 features (the transfer experiments, the benchmark)
@@ -301,14 +330,18 @@ def create_model(name: str, num_classes: int | None = None, policy: Policy | Non
 
 def init_params(name: str, key: jax.Array, num_classes: int | None = None,
                 input_shape: Sequence[int] | None = None, **kwargs: Any) -> dict:
-    """Fresh ``{"params": ...}`` variables for a named model at ``input_shape`` (H, W, C)."""
+    """Fresh variables for a named model at ``input_shape`` (H, W, C): ``{"params": ...}``, and
+    ``"batch_stats"`` (running mean 0, variance 1, as torch starts them) for the BatchNorm models."""
     model = create_model(name, num_classes, NATIVE, **kwargs)  # the parameters do not depend on the policy
     shape = tuple(input_shape or get_spec(name).input_shape)
     return jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32)))(key)
 
 
 def count_params(params: Any) -> int:
-    """Total number of scalars in a parameter pytree."""
+    """Total number of scalars in a parameter pytree; of a model's variables, those of ``params`` only
+    (BatchNorm's running statistics are buffers, as torch's ``parameters()`` leaves them out)."""
+    if isinstance(params, dict) and "params" in params:
+        params = params["params"]
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 

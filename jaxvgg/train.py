@@ -40,24 +40,40 @@ class TrainState(struct.PyTreeNode):
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
     # how the network runs (its module's policy): `fit` compiles the steps with its XLA options
     policy: Policy = struct.field(pytree_node=False, default=NATIVE)
+    batch_stats: Any = None  # BatchNorm running statistics (flax's batch_stats collection); None without BN
     plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
     early_stopping: Any = None  # optim.early_stopping_init() state when early stopping is on
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-               log_probs: bool = False, label_smoothing: float = 0.0, policy: Policy | None = None) -> "TrainState":
-        """A step-0 state with a fresh optimizer state; ``policy`` defaults to that of ``apply_fn``'s module."""
-        params = params.get("params", params)
+               log_probs: bool = False, label_smoothing: float = 0.0, policy: Policy | None = None,
+               batch_stats: Any = None) -> "TrainState":
+        """A step-0 state with a fresh optimizer state.
+
+        ``params`` may be the model's whole variables (``{"params": ..., "batch_stats": ...}``): its
+        batch_stats are then the state's. ``policy`` defaults to that of ``apply_fn``'s module.
+        """
+        if "params" in params:
+            batch_stats = params.get("batch_stats", batch_stats)
+            params = params["params"]
         if policy is None:
             policy = getattr(getattr(apply_fn, "__self__", None), "policy", NATIVE)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                   apply_fn=apply_fn, tx=tx, log_probs=log_probs, label_smoothing=label_smoothing, policy=policy)
+                   batch_stats=batch_stats, apply_fn=apply_fn, tx=tx, log_probs=log_probs,
+                   label_smoothing=label_smoothing, policy=policy)
+
+    @property
+    def variables(self) -> dict:
+        """What ``apply_fn`` takes: ``{"params": ...}``, with ``"batch_stats"`` when the model has BatchNorm."""
+        if self.batch_stats is None:
+            return {"params": self.params}
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
     @classmethod
     def for_model(cls, name: str, model: Any, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
                   label_smoothing: float = 0.0) -> "TrainState":
         """A state for a registry model: its loss follows whether it ends in log_softmax."""
-        return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+        return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,  # params: or all the variables
                           log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing,
                           policy=model.policy)
 
@@ -89,19 +105,25 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     mask = _mask(batch)
 
     def loss_fn(params):
-        outputs = state.apply_fn({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_key})
+        variables = {**state.variables, "params": params}
+        if state.batch_stats is None:
+            outputs, stats = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": dropout_key}), None
+        else:  # BatchNorm: batch statistics normalise, the running ones move (every example counts: no mask)
+            outputs, updates = state.apply_fn(variables, batch["image"], train=True, rngs={"dropout": dropout_key},
+                                              mutable=["batch_stats"])
+            stats = updates["batch_stats"]
         losses = per_example_loss(outputs, batch["label"], state.log_probs, state.label_smoothing)
-        return jnp.sum(losses * mask) / jnp.sum(mask), outputs
+        return jnp.sum(losses * mask) / jnp.sum(mask), (outputs, stats)
 
-    (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (outputs, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
     metrics = {"loss": loss, "accuracy": jnp.sum(correct * mask) / jnp.sum(mask)}
-    return state.apply_gradients(grads), metrics
+    return state.apply_gradients(grads).replace(batch_stats=stats), metrics
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Summed loss, correct count and example count (sums, so partial batches aggregate exactly)."""
-    outputs = state.apply_fn({"params": state.params}, batch["image"])
+    outputs = state.apply_fn(state.variables, batch["image"])  # BatchNorm: the running statistics
     mask = _mask(batch)
     losses = per_example_loss(outputs, batch["label"], state.log_probs)
     correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
@@ -146,7 +168,7 @@ def _transformed_eval_step(state: TrainState, batch: dict, transform: EvalTransf
 
 
 def _transformed_predict(state: TrainState, images: jax.Array, transform: EvalTransform) -> jax.Array:
-    return state.apply_fn({"params": state.params}, transform(images))
+    return state.apply_fn(state.variables, transform(images))
 
 
 def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
@@ -198,7 +220,8 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
       eval_transform: jittable ``uint8 images -> float32``.
 
     Returns:
-      (final state, history). With early stopping the state holds the best epoch's parameters.
+      (final state, history). With early stopping the state holds the best epoch's parameters (and
+      BatchNorm statistics).
       History: ``{"batch": {step, epoch, loss, accuracy, lr}, "epoch": {epoch, train_loss,
       train_accuracy, val_loss, val_accuracy, lr, time_s, images_per_s}}`` (epoch in epoch units).
 
@@ -298,11 +321,12 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
 
     if state.early_stopping is not None:
         if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
-            best_params = checkpoints.restore(state, best=True)[0].params  # resumed run: best is on disk
+            best = checkpoints.restore(state, best=True)[0]  # resumed run: best is on disk
+            best_params = (best.params, best.batch_stats)
         if best_params is not None:
             _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
                          f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
-            state = state.replace(params=best_params)
+            state = state.replace(params=best_params[0], batch_stats=best_params[1])
     if checkpoints is not None:
         checkpoints.close()
     return state, history
@@ -320,7 +344,7 @@ def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, va
                                                       patience=config.early_stopping_patience)
         state = state.replace(early_stopping=early)
         if improved:
-            best_params = jax.tree_util.tree_map(lambda x: x.copy(), state.params)
+            best_params = jax.tree_util.tree_map(lambda x: x.copy(), (state.params, state.batch_stats))
     return state, best_params
 
 

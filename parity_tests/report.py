@@ -49,10 +49,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 # the highlights: (label, which checks, which number of them)
 _HIGHLIGHTS = (
-    ("model outputs (evaluation mode)", lambda check: check.startswith("outputs")),
+    ("model outputs (evaluation mode)", lambda check: check.startswith("outputs") and "training mode" not in check),
     ("every layer's output, relative to its magnitude", lambda check: "layer outputs" in check),
-    ("gradients of every parameter", lambda check: check.startswith("gradients")),
-    ("parameters after 10 optimizer steps, float64", lambda check: check.endswith("after 10 steps, float64")),
+    ("gradients of every parameter", lambda check: check.startswith("gradients") and "training mode" not in check),
+    ("BatchNorm models in training mode (batch statistics): outputs",
+     lambda check: check.startswith("outputs (training mode")),
+    ("BatchNorm models in training mode: gradients (they reach O(1); the tolerance scales with each tensor)",
+     lambda check: check.startswith("gradients") and "training mode" in check),
+    ("parameters after 10 optimizer steps, float64",
+     lambda check: check.endswith(("after 10 steps, float64", "params after each of 10 steps, float64"))),
+    ("BatchNorm running mean/var (training mode) vs torch's buffers, float32",
+     lambda check: check.startswith("running mean/var") or check.endswith("running mean/var after each of 10 steps, "
+                                                                          "float32")),
     ("learning-rate schedules (relative)", lambda check: check.startswith("lr sequence")),
     ("bfloat16 outputs, relative error vs float64 (torch.autocast's is in the row's tolerance)",
      lambda check: check.startswith("bf16 outputs: rel. error")),
@@ -74,6 +82,14 @@ into steps of ~lr), so the float32 check is "within 1e-5, or within twice the di
 own float32 run has from its float64 run". The 10-step runs of the torchvision VGGs and the fast-form
 copies of every 10-step run are marked `slow` (`scripts/test.sh --all`); where the report comes from the
 default suite, their cells read "–".
+
+BatchNorm (the `*_bn` models, `parity_tests/test_batchnorm.py`): torchvision's `vgg11_bn` and `vgg16_bn`
+and the CIFAR-native `vgg11_bn` of `torch_ref`, with their BatchNorm weights and buffers first drawn at
+random (torchvision's identity init would hide a wrong normalisation), dropout off. Evaluation outputs and
+every layer's output; the training-mode outputs (batch statistics) and the running mean/variance after one
+forward pass against torch's buffers (`num_batches_tracked` exactly); the training-mode gradients; ten SGD
+steps in training mode with parameters and running statistics compared after every step, float64 and
+float32; the bit-exact round trip of the state_dicts, buffers included.
 
 bfloat16 (rows "bf16 ..."): the model computes in bfloat16 (`create_model(..., dtype=jnp.bfloat16)`:
 bfloat16 operands, float32 sums, float32 weights, optimizer and loss) and PyTorch runs under

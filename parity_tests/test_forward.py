@@ -23,6 +23,15 @@ PARAM_COUNTS = [
     (Case("vgg16_torchvision", 224, 224, 1000), 138_357_544, 138_357_544),
     # the transfer tutorial (seed 004) prints 135,335,076 total / 1,074,532 trainable for 100 classes
     (Case("vgg16_transfer", 224, 224, 100), 135_335_076, 1_074_532),
+    # torchvision docs, VGG{11,13,16,19}[_BN]_Weights.IMAGENET1K_V1 "num_params" (the BatchNorm variants)
+    (Case("vgg11_bn_torchvision", 224, 224, 1000), 132_868_840, 132_868_840),
+    (Case("vgg13_torchvision", 224, 224, 1000), 133_047_848, 133_047_848),
+    (Case("vgg13_bn_torchvision", 224, 224, 1000), 133_053_736, 133_053_736),
+    (Case("vgg16_bn_torchvision", 224, 224, 1000), 138_365_992, 138_365_992),
+    (Case("vgg19_torchvision", 224, 224, 1000), 143_667_240, 143_667_240),
+    (Case("vgg19_bn_torchvision", 224, 224, 1000), 143_678_248, 143_678_248),
+    # VGG-A with BatchNorm at 32x32: VGG-A's 28,144,010 + 2 x (64 + 128 + 2 x 256 + 4 x 512) BN weights
+    (Case("vgg11_bn", 32, 32, 10), 28_149_514, 28_149_514),
     # VGG-A at 32x32 with the paper's head on a 512-d flatten: 9,220,480 conv + 18,923,530 linear
     (Case("vgg11", 32, 32, 10), 28_144_010, 28_144_010),
     # VGG-A at 224 has torchvision vgg11's parameters (25,088-d flatten)
@@ -35,7 +44,7 @@ def test_parameter_counts_equal_the_cited_constants(case, total, trainable, reco
     torch_model = build_torch(case)
     # shapes only: no need to allocate 138 M parameters to count them
     variables = jax.eval_shape(lambda: jaxvgg.init_params(case.name, jax.random.key(0), case.num_classes,
-                                                          case.input_shape))
+                                                          case.input_shape))["params"]  # not BN's buffers
     mask = jaxvgg.trainable_mask(case.name, variables)
     flax_trainable = sum(int(np.prod(p.shape)) for p, m in zip(
         jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(mask)) if m)

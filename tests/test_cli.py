@@ -58,6 +58,8 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("vgg16_transfer", "--load-size", "100", "must be >= 256"),
     ("cifar_vgg", "--precision", "fp16", "expected one of auto, fp32, bf16"),
     ("mnist", "--precision", "bfloat16", "expected one of auto, fp32, bf16"),
+    ("cifar_vgg", "--model", "vgg12_bn", "vgg11, vgg11_bn, vgg13"),
+    ("vgg16_transfer", "--arch", "resnet50", "vgg16, vgg16_bn"),
     ("benchmark", "--rounds", "0", "must be >= 1"),
     ("benchmark", "--models", "resnet50", "expected a comma list"),
 ]

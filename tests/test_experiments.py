@@ -82,3 +82,34 @@ def test_vgga_transfer_names_a_missing_backbone(tmp_path):
     out = _run("experiments.vgga_transfer", "--backbone", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w"))
     assert out.returncode == 2
     assert "nowhere" in out.stderr and "experiments.cifar_vgg" in out.stderr
+
+
+@needs_data
+def test_cifar_vgg_trains_a_batchnorm_vgg_and_its_running_statistics_reach_the_transfer(tmp_path):
+    """``--model vgg11_bn`` in bfloat16: the checkpoint carries batch_stats, and vgga_transfer's frozen
+    backbone normalises with them."""
+    from jaxvgg.checkpoint import Checkpoints
+
+    env = {**os.environ, "JAXVGG_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT)}
+    workdir = tmp_path / "bn"
+    out = _run("experiments.cifar_vgg", "--model", "vgg11_bn", "--limit", "256", "--epochs", "1", "--batch-size",
+               "64", "--precision", "bf16", "--workdir", str(workdir), "--quiet", "true", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["model"] == "vgg11_bn" and summary["parameters"] == 28_149_514  # vgg11's 28,144,010 + 2 x 2,752
+    assert "VGG11-BN" in (workdir / "report.md").read_text()
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=1, best_metric="val_accuracy")
+    variables, meta = checkpoints.restore_variables()
+    checkpoints.close()
+    assert meta["epoch"] == 1 and set(variables) == {"params", "batch_stats"}
+    steps = len(json.loads((workdir / "history.json").read_text())["batch"]["step"])
+    assert int(variables["batch_stats"]["features_1"]["num_batches_tracked"]) == steps == 3  # 230 images // 64
+
+    transfer = tmp_path / "transfer"
+    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
+               "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir", str(transfer), "--quiet", "true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((transfer / "summary.json").read_text())["backbone_model"] == "vgg11_bn"
+    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
+               "--layer", "features_15", "--workdir", str(tmp_path / "refused"))
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --layer: the features_* choices are VGG-A's")

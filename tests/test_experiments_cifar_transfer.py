@@ -114,6 +114,7 @@ def transfer_inputs(tmp_path_factory):
             Image.fromarray(test.images[i]).save(folder / f"{i:05d}.png")
     torch.manual_seed(0)
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), root / "vgg16.pth")
+    torch.save(torchvision.models.vgg11_bn(weights=None).state_dict(), root / "vgg11_bn.pth")
     return root
 
 
@@ -136,6 +137,27 @@ def test_vgg16_transfer_cached_features_smoke_run(transfer_inputs, tmp_path):
     for name in ("history.json", "history.png", "confusion_matrix.png", "per_class_vs_count.png",
                  "topk_predictions.png", "report.md"):
         assert (workdir / name).stat().st_size > 0, name
+
+
+def test_vgg16_transfer_takes_another_torchvision_vgg_with_arch(transfer_inputs, tmp_path):
+    """--arch vgg11_bn: torchvision's VGG11-BN backbone, BatchNorm statistics and all; the wrong weights for
+    the arch are one line naming --weights."""
+    workdir, split = tmp_path / "run", tmp_path / "split"
+    common = ["--data-root", str(split), "--cache-features", "true", "--epochs", "1", "--batch-size", "4",
+              "--quiet", "true", "--arch", "vgg11_bn"]
+    out = _run("experiments.vgg16_transfer", *common, "--split-from", str(transfer_inputs / "flat"),
+               "--weights", str(transfer_inputs / "vgg11_bn.pth"), "--workdir", str(workdir))
+    assert out.returncode == 0, out.stdout + out.stderr
+    # torchvision vgg11_bn's 132,868,840 less classifier.6 (4096 x 1000 + 1000), plus the 3-class head
+    head = 4096 * 256 + 256 + 256 * 3 + 3
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["arch"] == "vgg11_bn"
+    assert (summary["parameters"], summary["trainable_parameters"]) == (132_868_840 - 4_097_000 + head, head)
+    out = _run("experiments.vgg16_transfer", *common, "--weights", str(transfer_inputs / "vgg16.pth"),
+               "--workdir", str(tmp_path / "wrong"))  # the split made above
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    line = out.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("error: --weights: not a torchvision vgg11_bn state_dict"), line
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxvgg
-from jaxvgg import augment, data, optim
+from jaxvgg import augment, data, models, optim
 from jaxvgg.train import FitConfig, TrainState, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,17 @@ def _state(lr: float = 0.05):
     model = jaxvgg.create_model("mnist_lenet")
     params = jaxvgg.init_params("mnist_lenet", jax.random.PRNGKey(0))
     return TrainState.for_model("mnist_lenet", model, params, optim.sgd(lr, 0.9, 5e-4), rng=jax.random.PRNGKey(1))
+
+
+def _bn_state(lr: float = 0.05):
+    """A small VGG with BatchNorm on 28x28x1: conv8-BN-pool-conv16-BN-pool, 32-32-10 head."""
+    model = models.VGG(cfg=(8, "M", 16, "M"), batch_norm=True, num_classes=10, hidden=32, dropout_rate=0.1)
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
+    return TrainState.create(apply_fn=model.apply, params=variables, tx=optim.sgd(lr, 0.9, 5e-4),
+                             rng=jax.random.PRNGKey(1))
+
+
+STATES = {"lenet": _state, "bn": _bn_state}
 
 
 def test_fit_learns_writes_history_and_checkpoints(tmp_path):
@@ -96,15 +107,16 @@ def test_plateau_rule_divides_lr_by_ten_at_most_three_times_and_early_stopping_r
 _RUN = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from tests.test_fit import _dataset, _state, _transforms
+    from tests.test_fit import STATES, _dataset, _transforms
     from jaxvgg import data
     from jaxvgg.train import FitConfig, fit
     import numpy as np
     train, val = data.train_val_split(_dataset(4800), 0.2, seed=0)
     train_tf, eval_tf = _transforms()
     cfg = FitConfig(epochs=3, batch_size=16, workdir=sys.argv[1], resume=True, quiet=True)
-    state, history = fit(_state(), train, val, cfg, train_transform=train_tf, eval_transform=eval_tf)
-    np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(state.params)])
+    state, history = fit(STATES[sys.argv[2]](), train, val, cfg, train_transform=train_tf, eval_transform=eval_tf)
+    leaves = __import__("jax").tree_util.tree_leaves((state.params, state.batch_stats))  # BatchNorm's too
+    np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in leaves])
 """)
 
 
@@ -115,14 +127,16 @@ def _history_without_timing(path: Path) -> dict:
     return history
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path):
+@pytest.mark.parametrize("kind", list(STATES))
+def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, kind):
+    """LeNet, and a VGG with BatchNorm, whose running statistics must resume exactly too."""
     script = tmp_path / "run.py"
     script.write_text(_RUN.format(root=str(ROOT)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run([sys.executable, str(script), str(reference)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(reference), kind], check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), kind], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "last" / "1").exists():
@@ -134,8 +148,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path):
     assert not (killed / "final.npz").exists()
     assert not (killed / "checkpoints" / "last" / "2").exists(), "killed after epoch 2 ended, not mid-epoch"
 
-    subprocess.run([sys.executable, str(script), str(killed)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(killed), kind], check=True, env=env, capture_output=True)
     with np.load(reference / "final.npz") as a, np.load(killed / "final.npz") as b:
+        # LeNet: 5 layers' kernels and biases; the BN VGG: 14 parameters and 2 x 3 batch_stats
+        assert len(a.files) == len(b.files) == {"lenet": 10, "bn": 20}[kind]
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert _history_without_timing(reference / "history.json") == _history_without_timing(killed / "history.json")

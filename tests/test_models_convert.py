@@ -55,10 +55,12 @@ def test_converter_names_a_renamed_key_and_a_wrong_shape_together():
     assert "wrong shape for 'fc2.weight': expected (256, 128), found (128, 128)" in msg
 
 
-def test_weightless_buffers_are_ignored_but_other_extras_are_not():
+def test_batchnorm_buffers_where_the_model_has_no_batchnorm_are_unexpected_keys():
+    # as torch's strict load_state_dict; the *_bn models load them (tests/test_batchnorm.py)
     state = _random_state("mnist_linear")
     state["bn.num_batches_tracked"] = np.array(3)
-    jaxvgg.from_torch("mnist_linear", state)
+    with pytest.raises(ValueError, match="unexpected key 'bn.num_batches_tracked'"):
+        jaxvgg.from_torch("mnist_linear", state)
     state["bn.running_mean"] = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="unexpected key 'bn.running_mean'"):
         jaxvgg.from_torch("mnist_linear", state)

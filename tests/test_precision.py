@@ -122,10 +122,10 @@ def test_bf16_matmul_and_its_gradient_multiply_bf16_operands_and_return_float32(
 
 # --- models and training ----------------------------------------------------------------------------
 
-INPUTS = {"cifar_cnn": (32, 32, 3), "vgg11": (32, 32, 3), "mnist_linear": (28, 28, 1), "mnist_lenet": (28, 28, 1),
-          "transfer_head": (4096,), "vgg11_torchvision": (32, 32, 3), "vgg16_torchvision": (32, 32, 3),
-          "vgg16_transfer": (32, 32, 3)}
-SMALL = ("cifar_cnn", "vgg11", "mnist_linear", "mnist_lenet", "transfer_head")
+INPUTS = {"cifar_cnn": (32, 32, 3), "mnist_linear": (28, 28, 1), "mnist_lenet": (28, 28, 1), "transfer_head": (4096,),
+          "vgg16_transfer": (32, 32, 3),
+          **{name: (32, 32, 3) for name in models.list_models() if name.startswith("vgg") and "transfer" not in name}}
+SMALL = ("cifar_cnn", "vgg11", "vgg11_bn", "mnist_linear", "mnist_lenet", "transfer_head")
 
 
 def test_every_registry_model_is_covered():
@@ -144,7 +144,7 @@ def test_every_model_computes_in_bf16_with_float32_parameters_and_outputs(name):
         assert out.dtype == jnp.float32 and out.shape == (2, 10)
         return
     variables = models.init_params(name, jax.random.key(0), 10, shape)
-    assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}  # param_dtype
+    assert {p.dtype for p in jax.tree_util.tree_leaves(variables["params"])} == {jnp.dtype(jnp.float32)}  # param_dtype
     out = model.apply(variables, x)
     ref = models.create_model(name, num_classes=10, policy=NATIVE).apply(variables, x)
     assert out.dtype == jnp.float32

@@ -1,31 +1,39 @@
 """PyTorch reference networks, written as the tutorials write them.
 
 Keys follow torchvision: ``features.N.*`` / ``classifier.N.*`` for VGG (``classifier.6.0.*`` ...
-for the transfer head), ``conv1.*`` ... ``fc3.*`` for the small nets. `VGG(..., avgpool=True)` accepts
-the state_dict of ``torchvision.models.vgg11()`` / ``vgg16()`` unchanged.
+for the transfer head), ``conv1.*`` ... ``fc3.*`` for the small nets. `VGG(cfg, avgpool=True,
+batch_norm=...)` accepts the state_dict of any ``torchvision.models.vgg*()`` unchanged.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Simonyan & Zisserman 2015, Table 1 (configurations A = VGG11 and D = VGG16).
+# Simonyan & Zisserman 2015, Table 1 (configurations A, B, D, E = VGG11, 13, 16, 19), as torchvision's cfgs.
 CFGS: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
+DEPTHS = {11: "A", 13: "B", 16: "D", 19: "E"}
 
 
-def make_layers(cfg: list[int | str], in_channels: int = 3) -> nn.Sequential:
-    """3x3 conv (padding 1) + ReLU per width, 2x2 max-pool per "M"."""
+def make_layers(cfg: list[int | str], in_channels: int = 3, batch_norm: bool = False) -> nn.Sequential:
+    """3x3 conv (padding 1) [+ BatchNorm2d] + ReLU per width, 2x2 max-pool per "M" (torchvision's make_layers)."""
     layers: list[nn.Module] = []
     for v in cfg:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(in_channels, v, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
             in_channels = v
     return nn.Sequential(*layers)
 
@@ -35,9 +43,9 @@ class VGG(nn.Module):
     at 32x32 or 25,088 at 224x224) or as torchvision builds it (``avgpool=True``: AdaptiveAvgPool2d((7, 7)))."""
 
     def __init__(self, cfg: str = "A", num_classes: int = 1000, image_size: int = 224, avgpool: bool = False,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, batch_norm: bool = False):
         super().__init__()
-        self.features = make_layers(CFGS[cfg])
+        self.features = make_layers(CFGS[cfg], batch_norm=batch_norm)
         if avgpool:
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
             flat = 512 * 7 * 7
@@ -54,6 +62,9 @@ class VGG(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
@@ -137,15 +148,16 @@ class MnistLeNet(nn.Module):
 def build(name: str, num_classes: int | None = None, image_size: int = 224) -> nn.Module:
     """The torch original of a `jaxvgg.list_models()` name (``image_size`` matters for ``vgg11`` only)."""
     builders = {
-        "vgg11": lambda n: VGG("A", n, image_size=image_size),
-        "vgg11_torchvision": lambda n: VGG("A", n, avgpool=True),
-        "vgg16_torchvision": lambda n: VGG("D", n, avgpool=True),
+        **{f"vgg{d}{'_bn' * bn}": partial(VGG, cfg, image_size=image_size, batch_norm=bn)
+           for d, cfg in DEPTHS.items() for bn in (False, True)},
+        **{f"vgg{d}{'_bn' * bn}_torchvision": partial(VGG, cfg, avgpool=True, batch_norm=bn)
+           for d, cfg in DEPTHS.items() for bn in (False, True)},
         "vgg16_transfer": vgg16_transfer,
         "cifar_cnn": CifarCNN,
         "mnist_linear": MnistLinear,
         "mnist_lenet": MnistLeNet,
     }
-    defaults = {"vgg11": 1000, "vgg11_torchvision": 1000, "vgg16_torchvision": 1000, "vgg16_transfer": 100}
+    defaults = {**{name: 1000 for name in builders if name.startswith("vgg")}, "vgg16_transfer": 100}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(builders))}")
     return builders[name](num_classes if num_classes is not None else defaults.get(name, 10))
