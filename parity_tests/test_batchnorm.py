@@ -42,6 +42,9 @@ F64_ATOL = 1e-9
 F32_ATOL = 1e-5
 # the 138 M-parameter torchvision models' 10-step runs take minutes on the 2-core CI machine
 HEAVY = {"vgg11_bn_torchvision", "vgg16_bn_torchvision"}
+# their 25,088-wide first Linear (a 1x1 map pooled up to 7x7) over BatchNorm of 8-16 values a channel makes
+# lr 0.01 diverge within 10 steps (loss ~15), where float32 rounding grows without bound in both frameworks
+LR = {"vgg11_bn_torchvision": 1e-3, "vgg16_bn_torchvision": 1e-3}
 
 
 def build(case: Case, factory, seed: int = 0) -> torch.nn.Module:
@@ -162,25 +165,27 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
 
 
 def _lockstep(case: Case, torch_model: torch.nn.Module, variables: dict, form: str, dtype,
-              batches: list) -> tuple[float, float, float, dict, dict]:
+              batches: list) -> tuple[float, float, np.ndarray, np.ndarray, dict, dict]:
     """Torch and jaxvgg SGD steps side by side in ``dtype``, from a copy of ``torch_model`` and ``variables``.
 
-    Returns (worst params |Δ| over the steps, worst running-statistics |Δ|, worst loss |Δ|, torch's final
-    state_dict and jaxvgg's, as float64 numpy).
+    Returns (worst params |Δ| over the steps, worst running-statistics |Δ|, torch's losses, jaxvgg's,
+    torch's final state_dict and jaxvgg's, as float64 numpy).
     """
+    lr = LR.get(case.name, 0.01)
     torch_model = copy.deepcopy(torch_model)
     torch_dtype = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
     torch_model = torch_model.to(torch_dtype).train()
-    opt = torch.optim.SGD(torch_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(torch_model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     cast = {"params": jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), variables["params"]),
             "batch_stats": jax.tree_util.tree_map(  # the step counter stays an integer
                 lambda a: np.asarray(a, dtype) if np.issubdtype(a.dtype, np.floating) else a, variables["batch_stats"])}
-    tx = optim.create_optimizer("sgd", 0.01, momentum=0.9, weight_decay=5e-4)
+    tx = optim.create_optimizer("sgd", lr, momentum=0.9, weight_decay=5e-4)
     state = TrainState.for_model(case.name, flax_model(case, form), cast, tx, rng=jax.random.key(0))
     step = parallel.compile_step(train_step, state.policy, "train")
 
-    params_worst = stats_worst = loss_worst = 0.0
+    params_worst = stats_worst = 0.0
+    losses_t, losses_f = [], []
     for x, y in batches:
         opt.zero_grad()
         loss = F.cross_entropy(torch_model(to_nchw(x).to(torch_dtype)), torch.from_numpy(y).long())
@@ -193,8 +198,8 @@ def _lockstep(case: Case, torch_model: torch.nn.Module, variables: dict, form: s
         stat_keys = {k for k in theirs if k.endswith(STATS)}
         params_worst = max(params_worst, worst(ours, theirs, set(theirs) - stat_keys))
         stats_worst = max(stats_worst, worst(ours, theirs, stat_keys))
-        loss_worst = max(loss_worst, abs(float(metrics["loss"]) - loss.item()))
-    return params_worst, stats_worst, loss_worst, theirs, ours
+        losses_t.append(loss.item()), losses_f.append(float(metrics["loss"]))
+    return params_worst, stats_worst, np.array(losses_t), np.array(losses_f), theirs, ours
 
 
 STEP_CASES = [pytest.param(c, f, id=c.id, marks=[pytest.mark.slow] if c.name in HEAVY else []) for c, f in CASES]
@@ -202,7 +207,8 @@ STEP_CASES = [pytest.param(c, f, id=c.id, marks=[pytest.mark.slow] if c.name in 
 
 @pytest.mark.parametrize("case,factory", STEP_CASES)
 def test_bn_ten_sgd_steps_give_the_same_parameters_and_statistics(case, factory, impl, record):
-    """Ten SGD steps in training mode; parameters and running statistics compared after every step.
+    """Ten SGD steps (lr 0.01, or `LR`'s) in training mode; parameters and running statistics compared after
+    every step.
 
     float64 shows the arithmetic is the same; in float32 the runs must agree to 1e-5 or within twice the
     distance either framework's own float32 run has from its float64 run at the end (BatchNorm over a few
@@ -211,16 +217,16 @@ def test_bn_ten_sgd_steps_give_the_same_parameters_and_statistics(case, factory,
     batches = [(inputs(case, seed=100 + i), labels(case, seed=200 + i)) for i in range(STEPS)]
     torch_model = build(case, factory)
     variables = convert(case, torch_model)  # before float64 is on: flax would initialise its template in float64
-    p32, s32, l32, torch32, flax32 = _lockstep(case, torch_model, variables, impl, np.float32, batches)
+    p32, s32, tl32, fl32, torch32, flax32 = _lockstep(case, torch_model, variables, impl, np.float32, batches)
     jax.config.update("jax_enable_x64", True)
     try:
-        p64, s64, l64, torch64, flax64 = _lockstep(case, torch_model, variables, impl, np.float64, batches)
+        p64, s64, tl64, fl64, torch64, flax64 = _lockstep(case, torch_model, variables, impl, np.float64, batches)
     finally:
         jax.config.update("jax_enable_x64", False)
 
     record(case.id, f"sgd: params after each of {STEPS} steps, float64", p64, f"atol={F64_ATOL:g}")
     record(case.id, f"sgd: running mean/var after each of {STEPS} steps, float64", s64, f"atol={F64_ATOL:g}")
-    assert p64 <= F64_ATOL and s64 <= F64_ATOL and l64 <= F64_ATOL
+    assert p64 <= F64_ATOL and s64 <= F64_ATOL and max_abs(fl64, tl64) <= F64_ATOL
 
     noise = max(worst(flax32, flax64), worst(torch32, torch64))
     tol = max(F32_ATOL, 2 * noise)
@@ -228,7 +234,11 @@ def test_bn_ten_sgd_steps_give_the_same_parameters_and_statistics(case, factory,
            f"max({F32_ATOL:g}, 2 x f32 rounding = {2 * noise:.1e})")
     record(case.id, f"sgd: running mean/var after each of {STEPS} steps, float32", s32,
            f"max({F32_ATOL:g}, 2 x f32 rounding = {2 * noise:.1e})")
-    assert p32 <= tol and s32 <= tol and l32 <= max(F32_ATOL, 2 * noise)
+    assert p32 <= tol and s32 <= tol
+    loss_noise = max(max_abs(fl32, fl64), max_abs(tl32, tl64))
+    record(case.id, f"sgd: losses of {STEPS} steps, float32", max_abs(fl32, tl32),
+           f"max(1e-5, 2 x f32 rounding = {2 * loss_noise:.1e})")
+    assert max_abs(fl32, tl32) <= max(1e-5, 2 * loss_noise)
 
 
 @pytest.mark.parametrize("factory", [torchvision.models.vgg11_bn, torchvision.models.vgg16_bn],
