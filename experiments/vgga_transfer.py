@@ -41,7 +41,6 @@ from experiments.common import (ConfigError, check_batch_size, default_policy, l
 from jaxvgg import augment, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.models import TRANSFER_PREFIX
-from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
 
 # VGG-A's layers a head can sit on (flax names: features_15 = torch's features.15)
@@ -78,8 +77,9 @@ class Config:
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
 
 
-def load_backbone(run_dir: str | Path, policy: Policy, layer: str = FEATURE_LAYER) -> tuple[Any, Any, dict]:
-    """(model, variables, info) from the best checkpoint of a cifar_vgg run in ``run_dir``.
+def load_backbone(run_dir: str | Path, precision: str = "fp32", layer: str = FEATURE_LAYER) -> tuple[Any, Any, dict]:
+    """(model, variables, info) from the best checkpoint of a cifar_vgg run in ``run_dir``; the model
+    runs with the default policy of its own name in ``precision``.
 
     Reads the run's config.json (model, image size, dropout) and only the variables of its checkpoint
     (parameters, and BatchNorm statistics), which `jaxvgg.convert.transplant` checks against a fresh
@@ -117,7 +117,8 @@ def load_backbone(run_dir: str | Path, policy: Policy, layer: str = FEATURE_LAYE
     val_acc = meta["history"]["epoch"]["val_accuracy"][meta["epoch"] - 1]
     info = {"backbone": str(run_dir), "backbone_model": name, "backbone_epoch": meta["epoch"],
             "backbone_checkpoint": "best" if best else "last", "backbone_val_accuracy": val_acc}
-    model = jaxvgg.create_model(name, num_classes=10, policy=policy, dropout_rate=saved.get("dropout", 0.5))
+    model = jaxvgg.create_model(name, num_classes=10, policy=default_policy(name, precision),
+                                dropout_rate=saved.get("dropout", 0.5))
     return model, {**variables, "params": params}, info
 
 
@@ -130,8 +131,7 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     head_policy = default_policy(HEAD_MODEL, cfg.precision)
-    model, variables, info = load_backbone(cfg.backbone, default_policy(BACKBONE_MODEL, cfg.precision),
-                                           cfg.layer)  # a missing run fails first
+    model, variables, info = load_backbone(cfg.backbone, cfg.precision, cfg.layer)  # a missing run fails first
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(head_policy))
     started = time.perf_counter()
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)

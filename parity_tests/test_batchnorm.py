@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import jaxvgg
 from jaxvgg import optim, parallel
 from jaxvgg.train import TrainState, train_step
-from parity_tests.common import (Case, build_torch, flax_activations, inputs, labels, max_abs, policy, to_nchw,
-                                 torch_activations)
+from parity_tests.common import (Case, build_torch, convert, flax_activations, inputs, labels, max_abs, policy,
+                                 to_nchw, torch_activations)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -66,11 +66,6 @@ def build(case: Case, factory, seed: int = 0) -> torch.nn.Module:
 
 def flax_model(case: Case, form: str):
     return jaxvgg.create_model(case.name, num_classes=case.num_classes, policy=policy(case, form), dropout_rate=0.0)
-
-
-def convert(case: Case, model: torch.nn.Module) -> dict:
-    return jaxvgg.from_torch(case.name, model.state_dict(), input_shape=case.input_shape,
-                             num_classes=case.num_classes)
 
 
 def stats_of(state_dict: dict) -> dict[str, np.ndarray]:

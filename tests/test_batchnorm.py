@@ -30,9 +30,9 @@ TORCHVISION_PARAMS = {"vgg11": 132_863_336, "vgg11_bn": 132_868_840, "vgg13": 13
                       "vgg19": 143_667_240, "vgg19_bn": 143_678_248}
 
 
-def small_bn_vgg(**kw) -> models.VGG:
-    """conv8-BN-ReLU-pool, conv16-BN-ReLU-pool, a 32-32-n head: VGG's code path at a test's size."""
-    return models.VGG(cfg=(8, "M", 16, "M"), batch_norm=True, num_classes=10, hidden=32, dropout_rate=0.0, **kw)
+def small_bn_vgg(dropout_rate: float = 0.0) -> models.VGG:
+    """conv8-BN-ReLU-pool, conv16-BN-ReLU-pool, a 32-32-10 head: VGG's code path at a test's size."""
+    return models.VGG(cfg=(8, "M", 16, "M"), batch_norm=True, num_classes=10, hidden=32, dropout_rate=dropout_rate)
 
 
 def _images(n: int = 8, side: int = 8, seed: int = 0) -> np.ndarray:

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import jaxvgg
-from jaxvgg import augment, data, models, optim
+from jaxvgg import augment, data, optim
 from jaxvgg.train import FitConfig, TrainState, evaluate, fit
+from tests.test_batchnorm import small_bn_vgg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,8 @@ def _state(lr: float = 0.05):
 
 
 def _bn_state(lr: float = 0.05):
-    """A small VGG with BatchNorm on 28x28x1: conv8-BN-pool-conv16-BN-pool, 32-32-10 head."""
-    model = models.VGG(cfg=(8, "M", 16, "M"), batch_norm=True, num_classes=10, hidden=32, dropout_rate=0.1)
+    """`tests.test_batchnorm.small_bn_vgg` (with dropout) on 28x28x1 digits."""
+    model = small_bn_vgg(dropout_rate=0.1)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
     return TrainState.create(apply_fn=model.apply, params=variables, tx=optim.sgd(lr, 0.9, 5e-4),
                              rng=jax.random.PRNGKey(1))
