@@ -24,7 +24,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, evaluation, metrics, optim, plots
+from jaxvgg import augment, data, distributed, evaluation, metrics, optim, plots
 from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -107,7 +107,7 @@ def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Config, argv, __doc__)
+    cfg = parse_config(Config, argv, __doc__, launch=True)
     policy = default_policy(cfg.model, cfg.precision)
     label = model_label(cfg.model)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                         num_devices=cfg.num_devices, quiet=cfg.quiet)
     state, history = fit(state, train, val, fit_cfg, train_transform=train_tf, eval_transform=eval_tf)
     train_time = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return {}  # process 0 evaluates the test set and writes every file
 
     # test set: every number and figure the tutorial looks at
     log_probs = evaluation.predict_log_probs(state, test, eval_tf)

@@ -3,7 +3,8 @@ the execution policy's defaults, and the CLI's error handling.
 
 This is the CLI edge: the only place where environment variables choose defaults (``JAXVGG_IMPL``
 and ``JAXVGG_GEMM`` for the policy, ``JAXVGG_ALLOCATOR`` and ``JAXVGG_CPU_DEVICES`` for the process,
-``JAXVGG_DATA_DIR`` for the data); the library takes every such choice as an explicit value.
+``JAXVGG_DATA_DIR`` for the data, SLURM's and Open MPI's variables for joining processes); the library
+takes every such choice as an explicit value.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
-from jaxvgg import data, runtime
+from jaxvgg import data, distributed, runtime
 from jaxvgg.checkpoint import saved_epochs, write_json
 from jaxvgg.policy import PRECISIONS, Policy, make_policy, precision_name, resolve_precision
 
@@ -116,16 +117,100 @@ def _optional(kind):
     return parse
 
 
-def parse_config(config_cls: type[C], argv: list[str] | None = None, description: str = "") -> C:
+def _host_port(value: str | None) -> str | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    return None if host and port.isdigit() and 0 < int(port) < 65536 else "expected HOST:PORT"
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins the others of a multi-process run (the ``--coordinator-address`` group).
+
+    Not part of a run's config: the same run may be resumed with another number of processes.
+    """
+
+    coordinator_address: str | None = dataclasses.field(default=None, metadata={
+        "help": "HOST:PORT where process 0 runs the coordinator (the same on every host); with --num-processes "
+                "and --process-id: one process per host, jax.distributed. None of the three: a SLURM (srun) or "
+                "Open MPI (mpirun) job is joined from its environment, else one process", "check": _host_port,
+        "metavar": "HOST:PORT"})
+    num_processes: int | None = dataclasses.field(default=None, metadata={
+        "help": "processes in the run", "check": at_least(1), "metavar": "N"})
+    process_id: int | None = dataclasses.field(default=None, metadata={
+        "help": "this process's rank, 0 .. N-1", "check": at_least(0), "metavar": "I"})
+    heartbeat_timeout: int = dataclasses.field(default=distributed.HEARTBEAT_TIMEOUT_S, metadata={
+        "help": "seconds without a heartbeat after which a process counts as dead and the others end",
+        "check": at_least(1), "metavar": "SECONDS"})
+
+    def check(self) -> None:
+        given = {f: getattr(self, f) is not None for f in ("coordinator_address", "num_processes", "process_id")}
+        if any(given.values()) and not all(given.values()):
+            missing = [f for f, g in given.items() if not g]
+            raise ConfigError(missing[0], "--coordinator-address, --num-processes and --process-id go together: "
+                                          "give all three or none", None)
+        if all(given.values()) and self.process_id >= self.num_processes:
+            raise ConfigError("process_id", f"must be < --num-processes {self.num_processes}", self.process_id)
+
+    def cluster(self) -> str | None:
+        """The cluster JAX can read the three from when none is given: "slurm" inside ``srun``, "ompi"
+        inside ``mpirun`` (the variables JAX's own detection looks for), else None."""
+        if self.coordinator_address is not None:
+            return None
+        if all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                         "SLURM_LOCALID")):
+            return "slurm"
+        return "ompi" if "OMPI_MCA_orte_hnp_uri" in os.environ else None
+
+
+def join_processes(launch: Launch) -> None:
+    """Joins the run's other processes (`jaxvgg.distributed.initialize`) when `Launch` says there are any;
+    then only process 0 prints to standard output (errors still reach standard error from every process)."""
+    cluster = launch.cluster()
+    if launch.coordinator_address is None and cluster is None:
+        return
+    try:
+        distributed.initialize(launch.coordinator_address, launch.num_processes, launch.process_id, cluster=cluster,
+                               heartbeat_timeout_s=launch.heartbeat_timeout)
+    except Exception as e:  # noqa: BLE001 -- jax raises RuntimeError/ValueError/XlaRuntimeError here
+        what = launch.coordinator_address or f"the {cluster} job's coordinator"
+        raise ConfigError("coordinator_address", f"could not join the other processes: "
+                                                 f"{str(e).strip().splitlines()[0][:300]}", what) from None
+    if not distributed.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of this process
+
+
+def parse_config(config_cls: type[C], argv: list[str] | None = None, description: str = "", *,
+                 launch: bool = False) -> C:
     """Builds an argparse CLI from a dataclass (one ``--field-name`` per field) and returns the validated config.
 
     Field help comes from ``dataclasses.field(metadata={"help": ...})``; defaults are shown. Every value
     is checked (`validate`) before anything is loaded or compiled: a bad one raises `ConfigError`.
+
+    launch: also take `Launch`'s options (a training experiment) and join the run's other processes
+    (`join_processes`) before returning, so that nothing has touched a device yet.
     """
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config_fields, given = {f.name for f in dataclasses.fields(config_cls)}, {}
+    _add_fields(parser, config_cls, given)
+    if launch:
+        _add_fields(parser.add_argument_group("several processes (jax.distributed)"), Launch, given)
+    values = vars(parser.parse_args(argv))
+    if launch:
+        processes = Launch(**{k: v for k, v in values.items() if k not in config_fields})
+        validate(processes, given)
+    config = config_cls(**{k: v for k, v in values.items() if k in config_fields})
+    validate(config, given)
+    if launch:
+        join_processes(processes)
+    return config
+
+
+def _add_fields(parser: Any, config_cls: type, given: dict[str, str]) -> None:
+    """One ``--field-name`` option per field of ``config_cls``; ``given`` collects the text typed for each."""
     hints = typing.get_type_hints(config_cls)
-    given: dict[str, str] = {}
 
     def remembering(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
         def read(text: str) -> Any:
@@ -149,10 +234,7 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, description
             parse = _optional(base) if optional else base
             choices = f.metadata.get("choices")  # checked by `validate`, so a bad one is one line too
             parser.add_argument(flag, type=remembering(f.name, parse), default=f.default, help=help_text,
-                                metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
-    config = config_cls(**vars(parser.parse_args(argv)))
-    validate(config, given)
-    return config
+                                metavar="{" + ",".join(map(str, choices)) + "}" if choices else f.metadata.get("metavar"))
 
 
 def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra: dict | None = None) -> Path:
@@ -182,7 +264,8 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra
         raise ConfigError("workdir", "holds the checkpoints of a run; pass --resume true to continue it or choose "
                                      "another --workdir", str(workdir))
     path.mkdir(parents=True, exist_ok=True)
-    write_json(saved, {**new, **(extra or {})}, sort_keys=True)
+    if distributed.is_main_process():  # every process checked; one writes
+        write_json(saved, {**new, **(extra or {})}, sort_keys=True)
     return path
 
 
@@ -238,7 +321,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     First re-executes the process with tcmalloc preloaded where it is installed (`jaxvgg.runtime`;
     ``JAXVGG_ALLOCATOR=system`` opts out, ``JAXVGG_CPU_DEVICES=auto`` adds one XLA device per core).
     `ConfigError` (a bad option or workdir, raised before any work), a missing file and an occupied
-    workdir end in one ``error: ...`` line and exit status 2.
+    workdir end in one ``error: ...`` line and exit status 2; a lost process of a multi-process run
+    (`jaxvgg.distributed.ProcessLostError`) in one line and status 1, at once.
     """
     try:
         runtime.reexec_with_fast_runtime()
@@ -246,6 +330,11 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except distributed.ProcessLostError as e:
+        # another process is gone: end now, without jax's exit barrier, which would wait for it in vain
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

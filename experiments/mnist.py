@@ -35,7 +35,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
                                 policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, evaluation, lr_finder, metrics, optim, plots
+from jaxvgg import augment, data, distributed, evaluation, lr_finder, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -141,8 +141,9 @@ def choose_lr(cfg: Config, model: Any, params: Any, train: data.Dataset, workdir
     result = lr_finder.lr_range_test(state, train, transform=train_transform(cfg), batch_size=cfg.batch_size,
                                      min_lr=cfg.range_min_lr, max_lr=cfg.range_max_lr, num_steps=cfg.range_steps,
                                      seed=cfg.seed, quiet=cfg.quiet)
-    lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
-    write_json(saved, result.to_json())
+    if distributed.is_main_process():
+        lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
+        write_json(saved, result.to_json())
     print(f"lr range test: {result.lrs.size}/{result.num_steps} steps"
           f"{', stopped early' if result.stopped_early else ''}; "
           + ", ".join(f"{k} {v:.3g}" for k, v in result.suggestions.items()))
@@ -157,12 +158,13 @@ def train_run(cfg: Config, model: Any, params: Any, lr: float, train: data.Datas
                         resume=cfg.resume, quiet=cfg.quiet)
     state, history = fit(state, train, val, fit_cfg, train_transform=train_transform(cfg), eval_transform=normalize)
     named = workdir / history_name(cfg, lr)
-    shutil.copyfile(workdir / "history.json", named)
+    if distributed.is_main_process():
+        shutil.copyfile(workdir / "history.json", named)
     return state, history, named
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Config, argv, __doc__)
+    cfg = parse_config(Config, argv, __doc__, launch=True)
     policy = default_policy(MODEL_NAMES[cfg.model], cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{cfg.epochs} epochs")
     state, history, history_file = train_run(cfg, model, params, lr, train, val, workdir)
     train_time = time.perf_counter() - started  # data, range test and training
+    if cfg.compare_half_lr:  # every process trains both runs before process 0 turns to the test set
+        half_state, half_history, half_file = train_run(cfg, model, params, lr / 2, train, val, workdir / "half_lr")
+    if not distributed.is_main_process():
+        return {}  # process 0 evaluates the test set and writes every file
 
     # the test set: loss, accuracy, confusion, t-SNE of the last layer's input, reject option
     log_probs = evaluation.predict_log_probs(state, test, normalize)
@@ -223,8 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
         "tsne_points": tsne_count, "reject_option": reject_summary, **policy_record(policy), **classification,
     }
     if cfg.compare_half_lr:
-        half_dir = workdir / "half_lr"
-        half_state, half_history, half_file = train_run(cfg, model, params, lr / 2, train, val, half_dir)
         half_log_probs = evaluation.predict_log_probs(half_state, test, normalize)
         summary["half_lr"] = {"lr": lr / 2, "test_accuracy": float(np.mean(half_log_probs.argmax(1) == test.labels)),
                               "test_loss": evaluation.nll(half_log_probs, test.labels),

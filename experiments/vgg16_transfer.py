@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, evaluation, metrics, optim, parallel, plots
+from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
 from jaxvgg.models import TRANSFER_PREFIX, VGG_ARCHS, transfer_arch
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -104,8 +104,10 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
         if cfg.resume and (root / "train").is_dir():
             print(f"--resume: reusing the split in {root}")
         else:
-            counts = data.split_image_folder(cfg.split_from, root, (0.5, 0.25, 0.25), seed=cfg.seed)
-            print(f"split {cfg.split_from} into {root}: {counts}")
+            if distributed.is_main_process():  # one process writes the split, the others wait for it
+                counts = data.split_image_folder(cfg.split_from, root, (0.5, 0.25, 0.25), seed=cfg.seed)
+                print(f"split {cfg.split_from} into {root}: {counts}")
+            distributed.sync("vgg16_transfer: split written")
     splits = {name: data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
     names = {name: split.class_names for name, split in splits.items()}
     if len(set(names.values())) != 1:
@@ -200,7 +202,7 @@ def tta_nll(probs: np.ndarray, labels: np.ndarray) -> float:
 # --- main -------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Config, argv, __doc__)
+    cfg = parse_config(Config, argv, __doc__, launch=True)
     policy, head_policy = default_policy(MODEL, cfg.precision), default_policy(HEAD_MODEL, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr), rng=key_train)
         state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
                              train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
+        if not distributed.is_main_process():
+            return {}  # process 0 evaluates the test set and writes every file
         params = {**params, **state.params}  # the trained head back into the full model
         log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     else:
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         state = TrainState.for_model(MODEL, model, {"params": params, **stats}, tx, rng=key_train)  # NLL loss
         state, history = fit(state, train, val, dataclasses.replace(fit_cfg, eval_batch_size=cfg.eval_batch_size),
                              train_transform=train_tf, eval_transform=eval_tf)
+        if not distributed.is_main_process():
+            return {}
         params = state.params
         log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size)
     train_time = time.perf_counter() - started

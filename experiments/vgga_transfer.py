@@ -38,7 +38,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
                                 policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, evaluation, metrics, optim, plots
+from jaxvgg import augment, distributed, evaluation, metrics, optim, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.models import TRANSFER_PREFIX
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -129,7 +129,7 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Config, argv, __doc__)
+    cfg = parse_config(Config, argv, __doc__, launch=True)
     head_policy = default_policy(HEAD_MODEL, cfg.precision)
     model, variables, info = load_backbone(cfg.backbone, cfg.precision, cfg.layer)  # a missing run fails first
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(head_policy))
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     state, history = fit(state, train_x, val_x, fit_cfg, train_transform=augment.unchanged_train,
                          eval_transform=augment.unchanged)
     train_time = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return {}  # process 0 evaluates the test set and writes every file
 
     log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     probs = evaluation.probs_from_log_probs(log_probs)

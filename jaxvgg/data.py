@@ -617,12 +617,14 @@ def pad_batch(batch: dict, multiple: int) -> dict:
     return {key: pad_one(key, x) for key, x in batch.items()}
 
 
-def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int,
+                   rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
     """In-order batches of a `Dataset`, `Features` or bare image array, each padded to ``batch_size``.
 
     Every batch has ``"image"``, ``"label"`` (zeros for a bare array) and ``"mask"`` (0 on the copies
     that pad the last one), so one compiled program serves all of them; ``int(mask.sum())`` is the
-    number of real examples.
+    number of real examples. ``rows``: only these rows of every padded batch (one process's share,
+    `jaxvgg.parallel.batch_rows`), so over all processes each example counts exactly once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -634,7 +636,8 @@ def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int)
     def generate():
         for start in range(0, len(images), batch_size):
             batch = {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}
-            yield pad_batch(batch, batch_size)
+            batch = pad_batch(batch, batch_size)
+            yield batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
     return generate()
 
@@ -698,6 +701,7 @@ def iterate_batches(
     shuffle: bool = True,
     drop_last: bool = False,
     start_batch: int = 0,
+    rows: slice | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield the batches of one epoch, gathered from the whole arrays.
 
@@ -709,6 +713,8 @@ def iterate_batches(
         shuffle: permute the examples.
         drop_last: drop the final partial batch.
         start_batch: skip the first k batches (resuming mid-epoch), 0 <= k <= num_batches.
+        rows: gather only these rows of every batch (one process's share of the global batch,
+            `jaxvgg.parallel.batch_rows`); the order does not depend on it.
 
     Returns:
         An iterator of ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``.
@@ -719,6 +725,7 @@ def iterate_batches(
 
     def generate():
         for indices in batches[start_batch:]:
+            indices = indices if rows is None else indices[rows]
             yield {"image": dataset.images[indices], "label": dataset.labels[indices]}
 
     return generate()  # a nested generator so the checks above run at call time, not at the first next()

@@ -204,7 +204,8 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
     bar = tqdm(total=num_steps, desc="lr range test", unit="batch", disable=quiet, leave=False, dynamic_ncols=True)
     epoch = 0
     while len(recorded["lrs"]) < num_steps and not stats.diverged:
-        for batch in data.iterate_batches(train_data, batch_size, seed=seed, epoch=epoch, drop_last=True):
+        for batch in data.iterate_batches(train_data, batch_size, seed=seed, epoch=epoch, drop_last=True,
+                                          rows=parallel.batch_rows(batch_size, mesh)):  # this process's rows
             lr = float(lrs[len(recorded["lrs"])])
             work = work.replace(opt_state=optim.set_lr(work.opt_state, lr))
             work, metrics = step_fn(work, parallel.shard_batch(batch, mesh))

@@ -29,6 +29,10 @@ A global batch must divide evenly over the devices. Pad a final partial batch wi
     step = compile_step(train_step, state.policy, "train", mesh, donate_state=True)
     for batch in batches:
         state, metrics = step(state, shard_batch(data.pad_batch(batch, mesh.size), mesh))
+
+Several processes (`jaxvgg.distributed`): the mesh spans every process's devices, each process passes
+`shard_batch` only its own rows of the global batch (`batch_rows`), and the replicated outputs can be
+read on every process. The same code runs with one process.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxvgg import distributed
 from jaxvgg.models import count_params
 from jaxvgg.policy import Policy
 
@@ -54,10 +59,13 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     Returns:
       A ``jax.sharding.Mesh`` of shape ``{"data": num_devices}`` with an ``Auto`` axis.
     """
-    devices = jax.devices()
+    devices = jax.devices()  # every process's, ordered by process: each process's rows are one block
     n = len(devices) if num_devices is None else num_devices
     if n < 1:
         raise ValueError(f"num_devices must be at least 1, got {n}")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(f"with {jax.process_count()} processes the mesh spans all {len(devices)} devices, "
+                         f"got num_devices={n}")
     if n > len(devices):
         raise ValueError(
             f"asked for {n} devices but only {len(devices)} exist ({devices[0].platform}); to test on CPU, "
@@ -80,6 +88,8 @@ def auto_num_devices(params: Any, batch_size: int | None = None) -> int:
     device), and at most the largest count that ``batch_size`` divides evenly over.
     """
     devices = jax.devices()
+    if jax.process_count() > 1:  # every process takes part
+        return len(devices)
     large = count_params(params) > CPU_DATA_PARALLEL_MAX_PARAMS
     n = 1 if devices[0].platform == "cpu" and large else len(devices)
     while batch_size and batch_size % n:
@@ -108,8 +118,19 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def batch_rows(batch_size: int, mesh: Mesh) -> slice:
+    """The rows of a global batch of ``batch_size`` that this process feeds to `shard_batch` (all, with one process)."""
+    check_batch_size(batch_size, mesh)
+    return distributed.local_rows(batch_sharded(mesh), batch_size)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """A copy of ``tree`` (e.g. a TrainState) with every leaf on all devices of the mesh."""
+    """A copy of ``tree`` (e.g. a TrainState) with every leaf on all devices of the mesh.
+
+    Over several processes every process passes the same values (its own copy of the state).
+    """
+    if not _is_local(mesh):  # each process gives its copy; device_put takes NumPy for a global sharding
+        return jax.device_put(jax.tree_util.tree_map(distributed.to_numpy, tree), replicated(mesh))
     # Copy first: device_put may hand back the caller's buffer as the copy on the first device (on a
     # 1-device mesh, and in jax 0.10 on larger meshes even with may_alias=False), and a step that
     # donates the replicated state would then delete the caller's original arrays too.
@@ -117,13 +138,39 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(owned, replicated(mesh))
 
 
+def unreplicate(tree: Any) -> Any:
+    """This process's own copy of a replicated ``tree``, on its first local device: what code that runs in
+    one process (prediction, plots) takes after a multi-process `fit`. Unchanged with one process."""
+    if all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(tree) if isinstance(x, jax.Array)):
+        return tree
+    device = jax.local_devices()[0]
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(distributed.to_numpy(x), device) if isinstance(x, jax.Array) else x, tree)
+
+
+def _is_local(mesh: Mesh) -> bool:
+    return mesh.is_multi_process is False
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Split every array of ``batch`` along its leading axis over the mesh's data axis."""
+    """Split every array of ``batch`` along its leading axis over the mesh's data axis.
+
+    With several processes ``batch`` is this process's rows (`batch_rows`) of the global batch, which
+    is assembled from every process's share with ``jax.make_array_from_process_local_data``.
+    """
     sizes = {k: np.shape(v)[0] for k, v in batch.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"batch arrays disagree on the leading (batch) axis: {sizes}")
-    check_batch_size(next(iter(sizes.values())), mesh)
-    return jax.device_put(batch, batch_sharded(mesh))
+    local_size = next(iter(sizes.values()))
+    if _is_local(mesh):
+        check_batch_size(local_size, mesh)
+        return jax.device_put(batch, batch_sharded(mesh))
+    share = len(mesh.local_devices) / mesh.size  # every process holds the same number of the mesh's devices
+    global_size = round(local_size / share)
+    check_batch_size(global_size, mesh)
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_size, *np.shape(v)[1:]))
+            for k, v in batch.items()}
 
 
 def compile_step(step_fn: Callable, policy: Policy, mode: str, mesh: Mesh | None = None, *,

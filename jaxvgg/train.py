@@ -23,7 +23,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxvgg import checkpoint as ckpt
-from jaxvgg import data, models, optim, parallel
+from jaxvgg import data, distributed, models, optim, parallel
 from jaxvgg.policy import NATIVE, Policy
 
 
@@ -183,7 +183,8 @@ def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, 
     """`evaluate` with an already jitted eval step (fit reuses one, so it compiles once per run)."""
     batch_size = _round_up(batch_size, mesh.size)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in data.padded_batches(dataset, batch_size):
+    # each process feeds its rows of every padded batch; the sums are over the whole (global) batch
+    for batch in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh)):
         sums = step(state, parallel.shard_batch(batch, mesh))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
@@ -225,9 +226,16 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
       History: ``{"batch": {step, epoch, loss, accuracy, lr}, "epoch": {epoch, train_loss,
       train_accuracy, val_loss, val_accuracy, lr, time_s, images_per_s}}`` (epoch in epoch units).
 
+    Several processes (`jaxvgg.distributed`): every process calls `fit` with the same arguments; the
+    mesh spans all their devices, each process reads only its rows of every global batch, every
+    process takes part in the checkpoint saves, and only process 0 prints and writes history.json.
+    The data order and the global batch do not depend on the process or device count. The state comes
+    back as each process's own copy (`jaxvgg.parallel.unreplicate`), for single-process code after it.
+
     Raises:
       FloatingPointError: when the loss becomes NaN/inf, naming the step and lr; checkpoints of
         earlier epochs are kept.
+      jaxvgg.distributed.ProcessLostError: another process died; relaunch all with resume.
     """
     mesh = parallel.make_mesh(config.num_devices if config.num_devices is not None
                               else parallel.auto_num_devices(state.params, config.batch_size))
@@ -246,8 +254,10 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
     if config.early_stopping_patience is not None and state.early_stopping is None:
         state = state.replace(early_stopping=optim.early_stopping_init())
 
+    rows = parallel.batch_rows(config.batch_size, mesh)  # this process's share of every global batch
+    quiet = config.quiet or not distributed.is_main_process()
     workdir = Path(config.workdir) if config.workdir else None
-    checkpoints, history, first_epoch, best_params = None, _new_history(), 1, None
+    checkpoints, history, first_epoch = None, _new_history(), 1
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         best_metric = "neg_val_loss" if config.early_stopping_patience else "val_accuracy"
@@ -267,13 +277,40 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
     eval_fn = parallel.compile_step(partial(_transformed_eval_step, transform=eval_transform), state.policy,
                                     "infer", mesh)
     state = parallel.replicate(state, mesh)
+    try:
+        state, best_params = _epochs(state, train_data, val_data, config, train_fn, eval_fn, mesh, rows, quiet,
+                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir)
+    except Exception as e:  # a dead peer fails the next collective: say which process, not gloo's socket error
+        if distributed.is_collective_failure(e):
+            raise distributed.describe_lost(e) from e
+        raise
+
+    if state.early_stopping is not None:
+        if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
+            best = checkpoints.restore(state, best=True)[0]  # resumed run: best is on disk
+            best_params = (best.params, best.batch_stats)
+        if best_params is not None:
+            _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
+                         f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
+            state = state.replace(params=best_params[0], batch_stats=best_params[1])
+    if checkpoints is not None:
+        checkpoints.close()
+    return parallel.unreplicate(state), history
+
+
+def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, train_fn: Callable,
+            eval_fn: Callable, mesh: Any, rows: slice, quiet: bool, checkpoints: Any, history: dict,
+            first_epoch: int, base_lr: float, steps_per_epoch: int, workdir: Path | None) -> tuple[TrainState, Any]:
+    """`fit`'s epoch loop: train, validate, apply the epoch rules, write history and checkpoints."""
+    best_params = None
     for epoch in range(first_epoch, config.epochs + 1):
         if state.early_stopping is not None and bool(state.early_stopping.should_stop):
             break
         start, sums = time.perf_counter(), np.zeros(3)
-        batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True)
+        batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True,
+                                       rows=rows)  # this process's rows of each global batch
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=config.quiet, leave=False, dynamic_ncols=True)
+                   disable=quiet, leave=False, dynamic_ncols=True)
         step0 = int(state.step)
         pending = None  # the previous step's metrics, read only after the next step is dispatched
 
@@ -296,7 +333,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
             state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
             if pending is not None:
                 record_step(*pending)
-            pending = (i, metrics, len(batch["label"]))
+            pending = (i, metrics, config.batch_size)  # the global batch
         if pending is not None:
             record_step(*pending)
         lr = history["batch"]["lr"][-1]
@@ -307,29 +344,23 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
         if val_data is not None:
             val = _evaluate(eval_fn, state, val_data, config.eval_batch_size, mesh)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            state, best_params = _end_of_epoch_rules(state, config, base_lr, val, epoch, best_params)
+            if state.plateau is not None or state.early_stopping is not None:
+                # the rules run eagerly on this process's copy (host-side numbers), then go back to the mesh
+                new, best_params = _end_of_epoch_rules(parallel.unreplicate(state), config, base_lr, val, epoch,
+                                                       best_params)
+                state = new if mesh.is_multi_process is False else parallel.replicate(new, mesh)
         for k, v in record.items():
             history["epoch"][k].append(v)
         _log("epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
              + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
              + f" | lr {lr:.3g} | {elapsed:.0f} s, {record['images_per_s']:.0f} img/s")
         if workdir is not None:
-            ckpt.write_json(workdir / "history.json", history)
+            if distributed.is_main_process():
+                ckpt.write_json(workdir / "history.json", history)
             metrics = None if val_data is None else {"val_accuracy": record["val_accuracy"],
                                                       "neg_val_loss": -record["val_loss"]}
             checkpoints.save(epoch, state, {"epoch": epoch, "history": history}, metrics)
-
-    if state.early_stopping is not None:
-        if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
-            best = checkpoints.restore(state, best=True)[0]  # resumed run: best is on disk
-            best_params = (best.params, best.batch_stats)
-        if best_params is not None:
-            _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
-                         f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
-            state = state.replace(params=best_params[0], batch_stats=best_params[1])
-    if checkpoints is not None:
-        checkpoints.close()
-    return state, history
+    return state, best_params
 
 
 def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, val: dict, epoch: int,
@@ -349,4 +380,5 @@ def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, va
 
 
 def _log(message: str) -> None:
-    tqdm.write(message)  # prints above any progress bar
+    if distributed.is_main_process():
+        tqdm.write(message)  # prints above any progress bar

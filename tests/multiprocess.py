@@ -1,0 +1,80 @@
+"""Launching several jaxvgg processes on loopback for tests: a free coordinator port, a bounded time, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for one launch's coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(devices: int = 1) -> dict:
+    """The environment of one process with ``devices`` CPU devices, unbuffered, the repository importable."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+            "JAXVGG_CPU_DEVICES": "", "JAXVGG_ALLOCATOR": "system"}
+
+
+def launch_flags(port: int, num_processes: int, process_id: int) -> list[str]:
+    return ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(num_processes),
+            "--process-id", str(process_id)]
+
+
+def start(commands: list[list[str]], logs: Path, devices: int = 1) -> list[subprocess.Popen]:
+    """Starts one process per command, each in its own session (so a kill takes its children too),
+    stdout and stderr to ``logs/process<i>.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, command in enumerate(commands):
+        out = open(logs / f"process{i}.log", "w")
+        procs.append(subprocess.Popen(command, env=env(devices), stdout=out, stderr=subprocess.STDOUT,
+                                      cwd=ROOT, start_new_session=True))
+        out.close()
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
+    """Exit codes once all end, or None for each still running after ``timeout_s`` (then killed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    codes = [p.poll() for p in procs]
+    kill(procs)
+    return codes
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def run(commands: list[list[str]], logs: Path, timeout_s: float, devices: int = 1) -> None:
+    """Runs the commands together; asserts that every one ends with status 0 in time, showing the logs if not."""
+    procs = start(commands, logs, devices)
+    codes = wait(procs, timeout_s)
+    if codes != [0] * len(commands):
+        tails = "\n".join(f"--- process {i} (exit {c}):\n" + (logs / f"process{i}.log").read_text()[-3000:]
+                          for i, c in enumerate(codes))
+        raise AssertionError(f"exit codes {codes} (None: still running after {timeout_s} s)\n{tails}")
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
