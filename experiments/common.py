@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from jaxvgg import data, distributed, runtime
-from jaxvgg.checkpoint import saved_epochs, write_json
+from jaxvgg.checkpoint import has_checkpoints, write_json
 from jaxvgg.policy import PRECISIONS, Policy, make_policy, precision_name, resolve_precision
 
 C = TypeVar("C")
@@ -260,7 +260,7 @@ def prepare_workdir(workdir: str | os.PathLike, config: Any, resume: bool, extra
         if changed:
             raise ConfigError("workdir", f"holds a run with another config ({', '.join(sorted(changed))} differ); "
                                          "choose another --workdir", str(workdir))
-    if not resume and saved_epochs(path / "checkpoints"):
+    if not resume and has_checkpoints(path / "checkpoints"):
         raise ConfigError("workdir", "holds the checkpoints of a run; pass --resume true to continue it or choose "
                                      "another --workdir", str(workdir))
     path.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
+from jaxvgg.input_pipeline import ImageFolderStream
 from jaxvgg.models import TRANSFER_PREFIX, VGG_ARCHS, transfer_arch
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -82,6 +83,9 @@ class Config:
         "check": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"})
     limit: int | None = dataclasses.field(default=None, metadata={
         "help": "use at most N random images of each split (quick runs)"})
+    workers: int = dataclasses.field(default=0, metadata={
+        "help": "grain worker processes decoding train/ and valid/ (streamed from disk unless --cache-features; "
+                "0: reader threads of this process)", "check": lambda v: None if v >= 0 else "must be >= 0"})
     eval_batch_size: int = dataclasses.field(default=32, metadata={
         "help": "images per forward pass of the whole VGG16 (features, evaluation, TTA)"})
     precision: str = precision_field()
@@ -97,8 +101,13 @@ class Config:
 
 # --- data -------------------------------------------------------------------------------------------
 
-def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
-    """train/valid/test Datasets, after splitting --split-from into the data root when asked."""
+def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
+    """train/valid/test, after splitting --split-from into the data root when asked.
+
+    Without --cache-features, train/ and valid/ stream from disk (`jaxvgg.input_pipeline.ImageFolderStream`:
+    decoded and resized in grain's readers, each process reading its rows); test/ is read into memory for the
+    report's figures and TTA. With it, all three are arrays (their features are computed once).
+    """
     root = Path(cfg.data_root) if cfg.data_root is not None else workdir / "data"
     if cfg.split_from is not None:
         if cfg.resume and (root / "train").is_dir():
@@ -108,7 +117,9 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, data.Dataset]:
                 counts = data.split_image_folder(cfg.split_from, root, (0.5, 0.25, 0.25), seed=cfg.seed)
                 print(f"split {cfg.split_from} into {root}: {counts}")
             distributed.sync("vgg16_transfer: split written")
-    splits = {name: data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
+    streamed = () if cfg.cache_features else ("train", "valid")
+    splits = {name: ImageFolderStream(root / name, cfg.load_size, workers=cfg.workers) if name in streamed
+              else data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
     names = {name: split.class_names for name, split in splits.items()}
     if len(set(names.values())) != 1:
         raise ValueError(f"train/valid/test of {root} must have the same class folders, got {names}")

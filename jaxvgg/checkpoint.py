@@ -4,6 +4,8 @@ Layout under ``directory``::
 
     last/<epoch>/{state, meta}   the k most recent epochs (resume from the newest)
     best/<epoch>/{state, meta}   the epoch with the best monitored metric
+    partial/<step>/{state, meta} the newest mid-epoch save (``FitConfig.checkpoint_every_steps``); its
+                                 meta holds the epoch, the batches done and the input iterator's state
 
 orbax writes each step into a temporary folder and renames it when complete, so a run killed while
 saving leaves the earlier checkpoints intact, and a half-written one is cleaned up on the next start.
@@ -44,6 +46,12 @@ def saved_epochs(directory: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in last.iterdir() if p.name.isdigit()) if last.is_dir() else []
 
 
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a finished save, an epoch's or a mid-epoch one."""
+    partial = Path(directory) / "partial"
+    return bool(saved_epochs(directory)) or (partial.is_dir() and any(p.name.isdigit() for p in partial.iterdir()))
+
+
 def _manager(directory: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -72,6 +80,7 @@ class Checkpoints:
         self.best_metric = best_metric
         self._last = _manager(self.directory / "last", keep, None)
         self._best = _manager(self.directory / "best", 1, best_metric) if best_metric else None
+        self._partial = _manager(self.directory / "partial", 1, None)
 
     def save(self, epoch: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
         """Writes epoch ``epoch``: always to ``last``, and to ``best`` when its metric beats the best so far."""
@@ -86,6 +95,28 @@ class Checkpoints:
         if float(value) > previous:
             # one slot: orbax writes the new step completely, then deletes the old one
             self._best.save(epoch, args=args, metrics={self.best_metric: float(value)})
+
+    def save_partial(self, step: int, state: Any, meta: dict) -> None:
+        """A mid-epoch save at global step ``step`` (the previous one is removed once it is complete)."""
+        self._partial.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)))
+
+    def restore_partial(self, target: Any) -> tuple[Any, dict] | None:
+        """(state, meta) of the newest mid-epoch save, or None."""
+        step = self._partial.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self._partial.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                       meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def partial_meta(self) -> dict | None:
+        """Only the JSON part of the newest mid-epoch save, or None."""
+        step = self._partial.latest_step()
+        if step is None:
+            return None
+        return self._partial.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def latest_epoch(self) -> int | None:
         """The newest saved epoch, or None."""
@@ -136,5 +167,6 @@ class Checkpoints:
 
     def close(self) -> None:
         self._last.close()
+        self._partial.close()
         if self._best is not None:
             self._best.close()

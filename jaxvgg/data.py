@@ -357,12 +357,50 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def image_folder_files(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """(image paths, int32 labels, class names) of a torchvision ImageFolder tree, in `load_image_folder`'s order.
+
+    Raises:
+        FileNotFoundError: no class folders, or a class folder without images.
+    """
+    root = Path(root)
+    folders = _class_folders(root)
+    files_per_class = [_image_files(folder) for folder in folders]
+    empty = [str(folder) for folder, files in zip(folders, files_per_class) if not files]
+    if empty:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folder(s): {', '.join(empty)}")
+    paths = [path for files in files_per_class for path in files]
+    labels = np.concatenate([np.full(len(files), label, np.int32) for label, files in enumerate(files_per_class)])
+    return paths, labels, tuple(f.name for f in folders)
+
+
+def read_image(path: str | os.PathLike, image_size: int | Sequence[int] | None = None) -> np.ndarray:
+    """One image file as uint8 (H, W, 3) RGB, bilinearly resized to ``image_size`` when given (torchvision's
+    loader: grayscale, palette and RGBA files become RGB, alpha dropped).
+
+    Raises:
+        ValueError: Pillow cannot decode it.
+    """
+    from PIL import Image, UnidentifiedImageError  # Pillow is only needed for image files
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+    if image_size is not None:
+        height, width = _pair(image_size)
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)  # PIL takes (w, h)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def load_image_folder(root: str | os.PathLike, image_size: int | Sequence[int] | None = None) -> Dataset:
     """Read a torchvision ImageFolder tree ``root/<class>/*.jpg|jpeg|png`` into memory.
 
     Classes are the subfolder names sorted alphabetically (label i = i-th name), files sorted by
     name within each class. Every image is decoded with Pillow and converted to RGB (grayscale,
-    palette and RGBA files included; alpha is dropped as torchvision's loader drops it).
+    palette and RGBA files included; alpha is dropped as torchvision's loader drops it). For a tree
+    too large for memory, stream it: `jaxvgg.input_pipeline.ImageFolderStream`.
 
     Args:
         root: the folder whose subfolders are the classes.
@@ -376,35 +414,19 @@ def load_image_folder(root: str | os.PathLike, image_size: int | Sequence[int] |
         FileNotFoundError: no class folders, or a class folder without images.
         ValueError: an image Pillow cannot decode, or (without image_size) an image of another size.
     """
-    from PIL import Image, UnidentifiedImageError  # Pillow is only needed for this layout
-
-    root = Path(root)
-    folders = _class_folders(root)
-    files_per_class = [_image_files(folder) for folder in folders]
-    empty = [str(folder) for folder, files in zip(folders, files_per_class) if not files]
-    if empty:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in class folder(s): {', '.join(empty)}")
+    paths, labels, class_names = image_folder_files(root)
     target = None if image_size is None else _pair(image_size)
-    images, labels = [], []
-    for label, files in enumerate(files_per_class):
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError) as err:
-                raise ValueError(f"cannot decode image {path}: {err}") from err
-            if target is not None:
-                rgb = rgb.resize((target[1], target[0]), Image.Resampling.BILINEAR)  # PIL takes (w, h)
-            array = np.asarray(rgb, dtype=np.uint8)
-            if images and array.shape != images[0].shape:
-                height, width = images[0].shape[:2]
-                raise ValueError(
-                    f"{path} is {array.shape[1]}x{array.shape[0]} (WxH) but the first image is {width}x{height}; "
-                    f"pass image_size to resize every image"
-                )
-            images.append(array)
-            labels.append(label)
-    return Dataset(np.stack(images), np.asarray(labels, np.int32), tuple(f.name for f in folders))
+    images = []
+    for path in paths:
+        array = read_image(path, target)
+        if images and array.shape != images[0].shape:
+            height, width = images[0].shape[:2]
+            raise ValueError(
+                f"{path} is {array.shape[1]}x{array.shape[0]} (WxH) but the first image is {width}x{height}; "
+                f"pass image_size to resize every image"
+            )
+        images.append(array)
+    return Dataset(np.stack(images), labels, class_names)
 
 
 def split_image_folder(
@@ -626,6 +648,8 @@ def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int,
     number of real examples. ``rows``: only these rows of every padded batch (one process's share,
     `jaxvgg.parallel.batch_rows`), so over all processes each example counts exactly once.
     """
+    if hasattr(examples, "padded_batches"):  # a stream (jaxvgg.input_pipeline) reads its own
+        return examples.padded_batches(batch_size, rows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = getattr(examples, "images", examples)
@@ -717,8 +741,12 @@ def iterate_batches(
             `jaxvgg.parallel.batch_rows`); the order does not depend on it.
 
     Returns:
-        An iterator of ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``.
+        An iterator of ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``. A stream
+        (`jaxvgg.input_pipeline.ImageFolderStream`) gives the same batches from its files, with a state.
     """
+    if hasattr(dataset, "batches"):
+        return dataset.batches(batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last,
+                               start_batch=start_batch, rows=rows)
     batches = batch_indices(len(dataset), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last)
     if not 0 <= start_batch <= len(batches):
         raise ValueError(f"start_batch must be in [0, {len(batches)}] for this epoch, got {start_batch}")

@@ -154,6 +154,9 @@ class FitConfig:
     early_stopping_patience: int | None = None  # stop after this many epochs without val-loss gain
     num_devices: int | None = None  # None: parallel.auto_num_devices (all, or one for big nets on the CPU)
     quiet: bool = False  # no progress bars, one line per epoch
+    # also save every this many steps within an epoch (checkpoints/partial, with the input iterator's state),
+    # so a resumed run continues mid-epoch: for epochs of hours (an image-folder stream); None: at epoch ends
+    checkpoint_every_steps: int | None = None
 
 
 def _augmented_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
@@ -257,20 +260,27 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
     rows = parallel.batch_rows(config.batch_size, mesh)  # this process's share of every global batch
     quiet = config.quiet or not distributed.is_main_process()
     workdir = Path(config.workdir) if config.workdir else None
-    checkpoints, history, first_epoch = None, _new_history(), 1
+    checkpoints, history, first_epoch, resume_at = None, _new_history(), 1, None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         best_metric = "neg_val_loss" if config.early_stopping_patience else "val_accuracy"
         checkpoints = ckpt.Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
                                        best_metric if val_data is not None else None)
-        latest = checkpoints.latest_epoch()
-        if latest is not None and not config.resume:
-            raise FileExistsError(f"{workdir / 'checkpoints'} already holds epoch {latest}; pass resume=True "
+        latest, partial_meta = checkpoints.latest_epoch(), checkpoints.partial_meta()
+        if (latest is not None or partial_meta is not None) and not config.resume:
+            held = f"epoch {latest}" if latest is not None else f"a save in epoch {partial_meta['epoch']}"
+            raise FileExistsError(f"{workdir / 'checkpoints'} already holds {held}; pass resume=True "
                                   "(--resume) to continue it, or choose another workdir")
         if latest is not None:
-            state, meta = checkpoints.restore(state)
+            template = state
+            state, meta = checkpoints.restore(template)
             history, first_epoch = meta["history"], meta["epoch"] + 1
             _log(f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
+        if partial_meta is not None and partial_meta["epoch"] == first_epoch:  # newer: a save within that epoch
+            state, meta = checkpoints.restore_partial(state)
+            history, resume_at = meta["history"], meta
+            _log(f"resumed from {workdir / 'checkpoints' / 'partial'} in epoch {meta['epoch']}, "
+                 f"after batch {meta['batch']} of {steps_per_epoch}")
 
     train_fn = parallel.compile_step(partial(_augmented_train_step, transform=train_transform), state.policy,
                                      "train", mesh, donate_state=True)
@@ -279,7 +289,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
     state = parallel.replicate(state, mesh)
     try:
         state, best_params = _epochs(state, train_data, val_data, config, train_fn, eval_fn, mesh, rows, quiet,
-                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir)
+                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir, resume_at)
     except Exception as e:  # a dead peer fails the next collective: say which process, not gloo's socket error
         if distributed.is_collective_failure(e):
             raise distributed.describe_lost(e) from e
@@ -300,8 +310,12 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
 
 def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, train_fn: Callable,
             eval_fn: Callable, mesh: Any, rows: slice, quiet: bool, checkpoints: Any, history: dict,
-            first_epoch: int, base_lr: float, steps_per_epoch: int, workdir: Path | None) -> tuple[TrainState, Any]:
-    """`fit`'s epoch loop: train, validate, apply the epoch rules, write history and checkpoints."""
+            first_epoch: int, base_lr: float, steps_per_epoch: int, workdir: Path | None,
+            resume_at: dict | None = None) -> tuple[TrainState, Any]:
+    """`fit`'s epoch loop: train, validate, apply the epoch rules, write history and checkpoints.
+
+    ``resume_at``: the meta of a mid-epoch save of ``first_epoch`` to continue from (its batch, input state).
+    """
     best_params = None
     for epoch in range(first_epoch, config.epochs + 1):
         if state.early_stopping is not None and bool(state.early_stopping.should_stop):
@@ -309,9 +323,23 @@ def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig
         start, sums = time.perf_counter(), np.zeros(3)
         batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True,
                                        rows=rows)  # this process's rows of each global batch
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=quiet, leave=False, dynamic_ncols=True)
-        step0 = int(state.step)
+        done = 0  # batches of this epoch already trained (a mid-epoch resume)
+        if resume_at is not None:
+            done = int(resume_at["batch"])
+            if resume_at.get("data_state") is not None and hasattr(batches, "set_state"):
+                batches.set_state(resume_at["data_state"])  # a stream continues from its saved iterator state
+            else:
+                batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch,
+                                               drop_last=True, rows=rows, start_batch=done)
+            h = history["batch"]
+            mine = [j for j, e in enumerate(h["epoch"]) if e > epoch - 1]  # this epoch's batches so far
+            n = config.batch_size
+            sums[:] = (sum(h["loss"][j] for j in mine) * n, sum(h["accuracy"][j] for j in mine) * n, len(mine) * n)
+            resume_at = None
+        bar = tqdm(batches, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{config.epochs}",
+                   unit="batch", disable=quiet, leave=False, dynamic_ncols=True)
+        step0 = int(state.step) - done
+        counted0 = sums[2]  # images/s counts what this process trains now, not what a resumed epoch did before
         pending = None  # the previous step's metrics, read only after the next step is dispatched
 
         def record_step(i: int, metrics: dict, n: int) -> None:
@@ -327,20 +355,29 @@ def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig
             h["step"].append(step0 + i + 1), h["epoch"].append(epoch - 1 + (i + 1) / steps_per_epoch)
             h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
-                            img_s=f"{sums[2] / (time.perf_counter() - start):.0f}", refresh=False)
+                            img_s=f"{(sums[2] - counted0) / (time.perf_counter() - start):.0f}", refresh=False)
 
-        for i, batch in enumerate(bar):
+        every = config.checkpoint_every_steps if checkpoints is not None else None
+        for i, batch in enumerate(bar, start=done):
             state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
             if pending is not None:
                 record_step(*pending)
             pending = (i, metrics, config.batch_size)  # the global batch
+            if every and (i + 1) % every == 0 and i + 1 < steps_per_epoch:
+                record_step(*pending)
+                pending = None
+                data_state = batches.get_state() if hasattr(batches, "get_state") else None
+                checkpoints.save_partial(int(state.step), state, {"epoch": epoch, "batch": i + 1, "history": history,
+                                                                  "data_state": data_state})
         if pending is not None:
             record_step(*pending)
+        if hasattr(batches, "close"):
+            batches.close()
         lr = history["batch"]["lr"][-1]
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2]),
                   "val_loss": None, "val_accuracy": None, "lr": lr, "time_s": elapsed,
-                  "images_per_s": float(sums[2] / elapsed)}
+                  "images_per_s": float((sums[2] - counted0) / elapsed)}
         if val_data is not None:
             val = _evaluate(eval_fn, state, val_data, config.eval_batch_size, mesh)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])

@@ -162,12 +162,13 @@ def test_vgg16_transfer_takes_another_torchvision_vgg_with_arch(transfer_inputs,
 
 @pytest.mark.slow
 def test_vgg16_transfer_full_model_smoke_run_with_tta(transfer_inputs, tmp_path):
+    """train/ and valid/ stream from disk, decoded in a grain worker process."""
     split = tmp_path / "split"
     data.split_image_folder(transfer_inputs / "flat", split, seed=0)
     workdir = tmp_path / "run"
     out = _run("experiments.vgg16_transfer", "--data-root", str(split), "--weights", str(transfer_inputs / "vgg16.pth"),
                "--limit", "4", "--epochs", "1", "--batch-size", "2", "--tta", "2", "--workdir", str(workdir),
-               "--quiet", "true")
+               "--quiet", "true", "--workers", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["n_examples"] == 4 and summary["cached_features"] is False
