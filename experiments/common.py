@@ -147,9 +147,9 @@ class Launch:
     def check(self) -> None:
         given = {f: getattr(self, f) is not None for f in ("coordinator_address", "num_processes", "process_id")}
         if any(given.values()) and not all(given.values()):
-            missing = [f for f, g in given.items() if not g]
-            raise ConfigError(missing[0], "--coordinator-address, --num-processes and --process-id go together: "
-                                          "give all three or none", None)
+            first = next(f for f, g in given.items() if g)
+            missing = " and ".join("--" + f.replace("_", "-") for f, g in given.items() if not g)
+            raise ConfigError(first, f"needs {missing} too: give all three or none", getattr(self, first))
         if all(given.values()) and self.process_id >= self.num_processes:
             raise ConfigError("process_id", f"must be < --num-processes {self.num_processes}", self.process_id)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark"]
+MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark", "scaling"]
 # the allocator re-exec is the experiments' own business; off here, so each case starts Python once
 ENV = {**os.environ, "JAXVGG_ALLOCATOR": "system", "JAXVGG_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)}
 
@@ -27,7 +27,7 @@ def _run(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProce
 def test_every_command_has_help(module):
     out = _run(module, "--help")
     assert out.returncode == 0, out.stderr
-    assert "--seed" in out.stdout or "--rounds" in out.stdout
+    assert "--seed" in out.stdout or "--rounds" in out.stdout or "--part" in out.stdout
 
 
 BAD_VALUES = [  # (module, flag, value, what the message must say)
@@ -62,13 +62,18 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("vgg16_transfer", "--arch", "resnet50", "vgg16, vgg16_bn"),
     ("benchmark", "--rounds", "0", "must be >= 1"),
     ("benchmark", "--models", "resnet50", "expected a comma list"),
+    ("cifar_vgg", "--num-processes", "2", "needs --coordinator-address and --process-id too"),
+    ("cifar_cnn", "--coordinator-address", "nohost", "expected HOST:PORT"),
+    ("mnist", "--heartbeat-timeout", "0", "must be >= 1"),
+    ("vgg16_transfer", "--workers", "-1", "must be >= 0"),
+    ("scaling", "--images", "0", "must be >= 1"),
 ]
 
 
 @pytest.mark.parametrize("module,flag,value,why", BAD_VALUES, ids=[f"{m}{f}={v}" for m, f, v, _ in BAD_VALUES])
 def test_a_bad_value_is_one_line_naming_the_flag_and_exit_status_2(module, flag, value, why, tmp_path):
     started = time.perf_counter()
-    workdir = [] if module == "benchmark" else ["--workdir", str(tmp_path / "run")]
+    workdir = [] if module in ("benchmark", "scaling") else ["--workdir", str(tmp_path / "run")]
     out = _run(module, flag, value, *workdir, cwd=tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
