@@ -150,9 +150,30 @@ def _worker(out: str, model: str, steps: int, batch_size: int) -> None:
         Path(out).write_text(json.dumps({"images_per_s": history["epoch"]["images_per_s"][-1]}))
 
 
-def measure_processes(cfg: Config) -> dict:
-    from tests import multiprocess as mp
+def _free_port() -> int:
+    import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_together(commands: list[list[str]], timeout_s: float = 900) -> None:
+    """Runs the commands at once (one CPU device each, the system allocator); all must end with status 0."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAXVGG_CPU_DEVICES": "1", "JAXVGG_ALLOCATOR": "system"}
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    try:
+        errors = [p.communicate(timeout=timeout_s)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a measuring process failed:\n" + "\n".join(e[-2000:] for e in errors))
+
+
+def measure_processes(cfg: Config) -> dict:
     results = {}
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,12 +181,11 @@ def measure_processes(cfg: Config) -> dict:
             out = Path(tmp) / f"{model}.json"
             args = [sys.executable, "-m", "experiments.scaling", "--worker", str(out), model, str(cfg.steps),
                     str(cfg.batch_size)]
-            mp.run([args], Path(tmp) / "one", 900)
+            _run_together([args])
             one = json.loads(out.read_text())["images_per_s"]
-            port = mp.free_port()
-            pinned = [["taskset", "-c", str(i % cores), *args, "--coordinator", f"127.0.0.1:{port}", "2", str(i)]
-                      for i in range(2)]
-            mp.run(pinned, Path(tmp) / "two", 900)
+            port = _free_port()
+            _run_together([["taskset", "-c", str(i % cores), *args, "--coordinator", f"127.0.0.1:{port}", "2", str(i)]
+                           for i in range(2)])
             two = json.loads(out.read_text())["images_per_s"]
             results[model] = {"one_process_images_per_s": one, "two_processes_images_per_s": two, "ratio": two / one}
             print(f"{model}: 1 process x {cores} cores {one:.0f} images/s, 2 processes x 1 core {two:.0f} images/s "

@@ -22,9 +22,10 @@ def free_port() -> int:
 
 def env(devices: int = 1) -> dict:
     """The environment of one process with ``devices`` CPU devices, unbuffered, the repository importable."""
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored_count")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]  # ours replaces the caller's
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
             "JAXVGG_CPU_DEVICES": "", "JAXVGG_ALLOCATOR": "system"}
 
 
