@@ -70,8 +70,7 @@ def measure_input(cfg: Config) -> dict:
     import jax
 
     import jaxvgg
-    from experiments.vgg16_transfer import transforms
-    from jaxvgg import data, optim, parallel
+    from jaxvgg import augment, data, optim, parallel
     from jaxvgg.input_pipeline import ImageFolderStream
     from jaxvgg.train import TrainState, _augmented_train_step
 
@@ -92,7 +91,7 @@ def measure_input(cfg: Config) -> dict:
     params = jaxvgg.init_params("vgg16_transfer", jax.random.PRNGKey(0), 10)
     tx = optim.create_optimizer("adam", 1e-3, trainable=jaxvgg.trainable_mask("vgg16_transfer", params["params"]))
     state = TrainState.for_model("vgg16_transfer", model, params, tx, rng=jax.random.PRNGKey(1))
-    train_tf, _ = transforms(15.0, 0.2)
+    train_tf, _ = augment.transfer_transforms(15.0, 0.2)  # vgg16_transfer's defaults
     step = parallel.compile_step(partial(_augmented_train_step, transform=train_tf), state.policy, "train",
                                  donate_state=True)
     batch = {"image": np.random.default_rng(0).integers(0, 256, (cfg.batch_size, 256, 256, 3), dtype=np.uint8),

@@ -133,25 +133,8 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
 # --- transforms -------------------------------------------------------------------------------------
 
 def transforms(rotation: float, jitter: float) -> tuple[Callable, Callable]:
-    """(train, eval) transforms of the tutorial, uint8 in, ImageNet-normalised float32 (B, 224, 224, 3) out.
-
-    train: RandomResizedCrop(256, scale=(0.8, 1)) -> RandomRotation -> ColorJitter -> RandomHorizontalFlip
-    -> CenterCrop(224); eval: Resize(256) -> CenterCrop(224).
-    """
-    mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
-
-    def train_tf(key, images):
-        k_crop, k_rotate, k_jitter, k_flip = jax.random.split(key, 4)
-        x = augment.random_resized_crop(k_crop, images, 256, scale=(0.8, 1.0)) / 255.0  # float in [0, 1]
-        x = augment.random_rotation(k_rotate, x, float(rotation))
-        x = augment.color_jitter(k_jitter, x, brightness=jitter, contrast=jitter, saturation=jitter)
-        x = augment.random_flip(k_flip, x)
-        return augment.normalize(augment.center_crop(x, CROP), mean, std)
-
-    def eval_tf(images):
-        return augment.normalize(augment.resize_center_crop(images, resize=256, crop=CROP) / 255.0, mean, std)
-
-    return train_tf, eval_tf
+    """(train, eval) transforms of the tutorial: `jaxvgg.augment.transfer_transforms` at 224."""
+    return augment.transfer_transforms(rotation, jitter, CROP)
 
 
 # --- weights ----------------------------------------------------------------------------------------
