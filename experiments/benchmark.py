@@ -27,9 +27,8 @@ bf16 x bf16 -> f32 as the models multiply) are measured in every run, and each r
 
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The
-children also get the experiments' CPU setting (one XLA device per core, `jaxvgg.runtime`), and the
-JAX side runs data parallel over `jaxvgg.parallel.auto_num_devices` devices, as `fit` does; torch
-runs with its default intra-op threads (one per core). ``--allocators current`` runs in this process
+JAX side runs data parallel over `jaxvgg.parallel.auto_num_devices` devices, as `fit` does (one CPU
+device unless XLA_FLAGS asks for more); torch runs with its default intra-op threads (one per core). ``--allocators current`` runs in this process
 as it is.
 
 The real input pipeline is timed too: one CIFAR-10 training epoch through `jaxvgg.train.fit`
@@ -217,8 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "--child", "true", "--json", str(out)]
                 if allocator != allocators[-1]:  # time the epoch once, under the last (the entry points') allocator
                     cmd += ["--epoch-model", "none"]
-                env = runtime.environ_with_cpu_devices(runtime.cpu_device_count(),
-                                                       runtime.environ_with_allocator(allocator))
+                env = runtime.environ_with_allocator(allocator)
                 subprocess.run(cmd, env=env, check=True)
                 rows += json.loads(out.read_text())
     where = machine()

@@ -24,7 +24,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, distributed, evaluation, metrics, optim, plots
+from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
 from jaxvgg.policy import Policy
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -125,11 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                         num_devices=cfg.num_devices, quiet=cfg.quiet)
     state, history = fit(state, train, val, fit_cfg, train_transform=train_tf, eval_transform=eval_tf)
     train_time = time.perf_counter() - started
+    # test set: every number and figure the tutorial looks at (every process computes its share)
+    log_probs = evaluation.predict_log_probs(state, test, eval_tf, mesh=parallel.all_processes_mesh())
     if not distributed.is_main_process():
-        return {}  # process 0 evaluates the test set and writes every file
-
-    # test set: every number and figure the tutorial looks at
-    log_probs = evaluation.predict_log_probs(state, test, eval_tf)
+        return {}  # process 0 writes every file
     probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)

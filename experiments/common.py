@@ -2,7 +2,7 @@
 the execution policy's defaults, and the CLI's error handling.
 
 This is the CLI edge: the only place where environment variables choose defaults (``JAXVGG_IMPL``
-and ``JAXVGG_GEMM`` for the policy, ``JAXVGG_ALLOCATOR`` and ``JAXVGG_CPU_DEVICES`` for the process,
+and ``JAXVGG_GEMM`` for the policy, ``JAXVGG_ALLOCATOR`` for the process,
 ``JAXVGG_DATA_DIR`` for the data, SLURM's and Open MPI's variables for joining processes); the library
 takes every such choice as an explicit value.
 """
@@ -319,7 +319,7 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     """Runs an experiment's main; a bad option, a missing data set or an occupied workdir is one line, not a traceback.
 
     First re-executes the process with tcmalloc preloaded where it is installed (`jaxvgg.runtime`;
-    ``JAXVGG_ALLOCATOR=system`` opts out, ``JAXVGG_CPU_DEVICES=auto`` adds one XLA device per core).
+    ``JAXVGG_ALLOCATOR=system`` opts out).
     `ConfigError` (a bad option or workdir, raised before any work), a missing file and an occupied
     workdir end in one ``error: ...`` line and exit status 2; a lost process of a multi-process run
     (`jaxvgg.distributed.ProcessLostError`) in one line and status 1, at once.

@@ -35,7 +35,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
                                 policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, distributed, evaluation, lr_finder, metrics, optim, plots
+from jaxvgg import augment, data, distributed, evaluation, lr_finder, metrics, optim, parallel, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.train import FitConfig, TrainState, fit
 
@@ -181,11 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_time = time.perf_counter() - started  # data, range test and training
     if cfg.compare_half_lr:  # every process trains both runs before process 0 turns to the test set
         half_state, half_history, half_file = train_run(cfg, model, params, lr / 2, train, val, workdir / "half_lr")
-    if not distributed.is_main_process():
-        return {}  # process 0 evaluates the test set and writes every file
-
     # the test set: loss, accuracy, confusion, t-SNE of the last layer's input, reject option
-    log_probs = evaluation.predict_log_probs(state, test, normalize)
+    log_probs = evaluation.predict_log_probs(state, test, normalize, mesh=parallel.all_processes_mesh())
+    if not distributed.is_main_process():
+        return {}  # process 0 writes every file
     probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     classification = metrics.summarize_classification(test.labels, probs, data.MNIST_CLASSES)

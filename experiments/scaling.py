@@ -86,6 +86,11 @@ def measure_input(cfg: Config) -> dict:
             results[f"stream_workers_{workers}_images_per_s"] = rate
             print(f"grain stream, {len(stream)} JPEGs -> 256x256, {workers} workers: {rate:.0f} images/s "
                   f"(first batch {first['image'].shape})")
+        # vgg16_transfer's valid/: Resize(256) + CenterCrop(224) in the readers, padded evaluation batches
+        stream = ImageFolderStream(root, 256, crop=224)
+        results["stream_eval_crop_images_per_s"] = _rate(iter(stream.padded_batches(cfg.batch_size)))
+        print(f"grain stream, {len(stream)} JPEGs -> 256x256 -> center 224x224, padded batches, 0 workers: "
+              f"{results['stream_eval_crop_images_per_s']:.0f} images/s")
 
     model = jaxvgg.create_model("vgg16_transfer", 10)
     params = jaxvgg.init_params("vgg16_transfer", jax.random.PRNGKey(0), 10)
@@ -149,18 +154,10 @@ def _worker(out: str, model: str, steps: int, batch_size: int) -> None:
         Path(out).write_text(json.dumps({"images_per_s": history["epoch"]["images_per_s"][-1]}))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_together(commands: list[list[str]], timeout_s: float = 900) -> None:
     """Runs the commands at once (one CPU device each, the system allocator); all must end with status 0."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAXVGG_CPU_DEVICES": "1", "JAXVGG_ALLOCATOR": "system"}
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAXVGG_ALLOCATOR": "system"}
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for c in commands]
     try:
@@ -173,6 +170,8 @@ def _run_together(commands: list[list[str]], timeout_s: float = 900) -> None:
 
 
 def measure_processes(cfg: Config) -> dict:
+    from jaxvgg import distributed
+
     results = {}
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +181,7 @@ def measure_processes(cfg: Config) -> dict:
                     str(cfg.batch_size)]
             _run_together([args])
             one = json.loads(out.read_text())["images_per_s"]
-            port = _free_port()
+            port = distributed.free_port()
             _run_together([["taskset", "-c", str(i % cores), *args, "--coordinator", f"127.0.0.1:{port}", "2", str(i)]
                            for i in range(2)])
             two = json.loads(out.read_text())["images_per_s"]

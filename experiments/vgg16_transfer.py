@@ -46,6 +46,7 @@ MODEL = "vgg16_transfer"
 HEAD_MODEL = "transfer_head"  # the new head alone, trained on cached features
 FEATURE_LAYER = "classifier_4"  # ReLU after the 2nd Linear: the input of classifier.5 (dropout) and the head
 CROP = 224
+RESIZE = 256  # the evaluation transform: Resize(RESIZE) -> CenterCrop(CROP)
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision IMAGENET1K_V1
 
 
@@ -105,7 +106,8 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
     """train/valid/test, after splitting --split-from into the data root when asked.
 
     Without --cache-features, train/ and valid/ stream from disk (`jaxvgg.input_pipeline.ImageFolderStream`:
-    decoded and resized in grain's readers, each process reading its rows); test/ is read into memory for the
+    decoded and resized in grain's readers, each process reading its rows; valid/ decoded at 256 and
+    center-cropped to 224 there, so the device only normalises it); test/ is read into memory for the
     report's figures and TTA. With it, all three are arrays (their features are computed once).
     """
     root = Path(cfg.data_root) if cfg.data_root is not None else workdir / "data"
@@ -117,9 +119,12 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
                 counts = data.split_image_folder(cfg.split_from, root, (0.5, 0.25, 0.25), seed=cfg.seed)
                 print(f"split {cfg.split_from} into {root}: {counts}")
             distributed.sync("vgg16_transfer: split written")
-    streamed = () if cfg.cache_features else ("train", "valid")
-    splits = {name: ImageFolderStream(root / name, cfg.load_size, workers=cfg.workers) if name in streamed
-              else data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
+    if cfg.cache_features:
+        splits = {name: data.load_image_folder(root / name, cfg.load_size) for name in data.SPLIT_NAMES}
+    else:  # valid/: the evaluation transform's Resize(256) + CenterCrop(224) in grain's readers
+        splits = {"train": ImageFolderStream(root / "train", cfg.load_size, workers=cfg.workers),
+                  "valid": ImageFolderStream(root / "valid", RESIZE, crop=CROP, workers=cfg.workers),
+                  "test": data.load_image_folder(root / "test", cfg.load_size)}
     names = {name: split.class_names for name, split in splits.items()}
     if len(set(names.values())) != 1:
         raise ValueError(f"train/valid/test of {root} must have the same class folders, got {names}")
@@ -135,6 +140,11 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
 def transforms(rotation: float, jitter: float) -> tuple[Callable, Callable]:
     """(train, eval) transforms of the tutorial: `jaxvgg.augment.transfer_transforms` at 224."""
     return augment.transfer_transforms(rotation, jitter, CROP)
+
+
+def cropped_eval(images):
+    """The evaluation transform of images the stream already resized and cropped: normalisation only."""
+    return augment.normalize(images, augment.IMAGENET_MEAN, augment.IMAGENET_STD)
 
 
 # --- weights ----------------------------------------------------------------------------------------
@@ -243,19 +253,20 @@ def main(argv: list[str] | None = None) -> dict:
         state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr), rng=key_train)
         state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
                              train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
+        log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged, mesh=parallel.all_processes_mesh())
         if not distributed.is_main_process():
-            return {}  # process 0 evaluates the test set and writes every file
+            return {}  # process 0 writes every file
         params = {**params, **state.params}  # the trained head back into the full model
-        log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     else:
         tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, params))
         state = TrainState.for_model(MODEL, model, {"params": params, **stats}, tx, rng=key_train)  # NLL loss
         state, history = fit(state, train, val, dataclasses.replace(fit_cfg, eval_batch_size=cfg.eval_batch_size),
-                             train_transform=train_tf, eval_transform=eval_tf)
+                             train_transform=train_tf, eval_transform=cropped_eval)  # val: cropped when read
+        log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size,
+                                                 mesh=parallel.all_processes_mesh())
         if not distributed.is_main_process():
             return {}
         params = state.params
-        log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size)
     train_time = time.perf_counter() - started
 
     probs = evaluation.probs_from_log_probs(log_probs)

@@ -38,7 +38,7 @@ import numpy as np
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
                                 policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, distributed, evaluation, metrics, optim, plots
+from jaxvgg import augment, distributed, evaluation, metrics, optim, parallel, plots
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.models import TRANSFER_PREFIX
 from jaxvgg.train import FitConfig, TrainState, fit
@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
     state, history = fit(state, train_x, val_x, fit_cfg, train_transform=augment.unchanged_train,
                          eval_transform=augment.unchanged)
     train_time = time.perf_counter() - started
+    log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged, mesh=parallel.all_processes_mesh())
     if not distributed.is_main_process():
-        return {}  # process 0 evaluates the test set and writes every file
+        return {}  # process 0 writes every file
 
-    log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged)
     probs = evaluation.probs_from_log_probs(log_probs)
     test_loss = evaluation.nll(log_probs, test.labels)
     scores = metrics.summarize_classification(test.labels, probs, test.class_names)

@@ -18,6 +18,7 @@ is the local devices and every row is local.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import jax
@@ -27,6 +28,7 @@ from jax.sharding import Sharding
 # How long a silent process counts as alive. JAX's default is 100 s; a dead process is found after
 # this long, and the survivors must end within 2 minutes of a kill.
 HEARTBEAT_TIMEOUT_S = 60
+_heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S  # the one `initialize` was given: how long finding a lost process takes
 
 
 class ProcessLostError(RuntimeError):
@@ -57,9 +59,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError("coordinator_address, num_processes and process_id go together: give all three or none")
     if not any(given) and cluster is None:
         raise ValueError("give coordinator_address, num_processes and process_id, or a cluster to read them from")
+    global _heartbeat_timeout_s
+    _heartbeat_timeout_s = heartbeat_timeout_s
     jax.distributed.initialize(coordinator_address, num_processes, process_id, cluster_detection_method=cluster,
                                initialization_timeout=init_timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s,
                                shutdown_timeout_seconds=shutdown_timeout_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the OS picks it): a coordinator port for processes started on one host."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def is_main_process() -> bool:
@@ -105,10 +116,11 @@ def live_processes() -> list[int] | None:
     return sorted(int(n) for n in (nodes.keys() if isinstance(nodes, dict) else nodes))
 
 
-def lost_processes(wait_s: float = HEARTBEAT_TIMEOUT_S + 10) -> list[int] | None:
-    """After a failed collective: the processes that stopped answering, waiting up to ``wait_s`` for the
-    coordinator's heartbeat timeout to find them; None when it cannot tell (the coordinator is gone)."""
-    deadline = time.monotonic() + wait_s
+def lost_processes(wait_s: float | None = None) -> list[int] | None:
+    """After a failed collective: the processes that stopped answering, waiting up to ``wait_s`` (default:
+    the heartbeat timeout `initialize` was given, plus 10 s) for the coordinator to find them; None when it
+    cannot tell (the coordinator is gone)."""
+    deadline = time.monotonic() + (_heartbeat_timeout_s + 10 if wait_s is None else wait_s)
     everyone = set(range(jax.process_count()))
     while True:
         live = live_processes()
@@ -119,7 +131,7 @@ def lost_processes(wait_s: float = HEARTBEAT_TIMEOUT_S + 10) -> list[int] | None
         time.sleep(1.0)
 
 
-def describe_lost(error: BaseException, wait_s: float = HEARTBEAT_TIMEOUT_S + 10) -> ProcessLostError:
+def describe_lost(error: BaseException, wait_s: float | None = None) -> ProcessLostError:
     """A `ProcessLostError` for a failed collective that names the processes which stopped, where known."""
     lost = lost_processes(wait_s)
     me = f"process {jax.process_index()} of {jax.process_count()}"

@@ -38,7 +38,7 @@ _PENULTIMATE: dict[str, tuple[str | None, Callable | None]] = {
 
 
 def predict_log_probs(state: TrainState, dataset: Any, eval_transform: EvalTransform,
-                      batch_size: int = 500) -> np.ndarray:
+                      batch_size: int = 500, mesh: Any = None) -> np.ndarray:
     """Normalised log-probabilities of every example, in float64.
 
     Args:
@@ -46,20 +46,22 @@ def predict_log_probs(state: TrainState, dataset: Any, eval_transform: EvalTrans
       dataset: `jaxvgg.data.Dataset` of uint8 images.
       eval_transform: jittable ``uint8 images -> float32``.
       batch_size: examples per forward pass.
+      mesh: split every batch over this mesh's devices (`jaxvgg.train.predict`); over several processes
+        every process calls this, reads its rows and gets all N rows back. None: one device.
 
     Returns:
       float64 (N, C): ``log_softmax`` of the outputs computed in float64, so each row's ``exp`` sums to 1
       to float64 precision (a log_softmax output is renormalised, which changes it by float32 rounding only).
     """
-    outputs = np.asarray(predict(state, dataset, eval_transform, batch_size), np.float64)
+    outputs = np.asarray(predict(state, dataset, eval_transform, batch_size, mesh), np.float64)
     shifted = outputs - outputs.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def predict_probs(state: TrainState, dataset: Any, eval_transform: EvalTransform,
-                  batch_size: int = 500) -> np.ndarray:
+                  batch_size: int = 500, mesh: Any = None) -> np.ndarray:
     """Probabilities of every example: float64 (N, C), rows summing to 1 (see `predict_log_probs`)."""
-    return probs_from_log_probs(predict_log_probs(state, dataset, eval_transform, batch_size))
+    return probs_from_log_probs(predict_log_probs(state, dataset, eval_transform, batch_size, mesh))
 
 
 def probs_from_log_probs(log_probs: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Streaming input for image folders too large for memory, on grain (google's data loader for JAX; no TensorFlow).
 
 `ImageFolderStream` reads a torchvision ImageFolder tree lazily: only the file list and labels live in
-memory; JPEG decoding and the resize happen while batches are read, in grain's reader threads and,
-with ``workers > 0``, in worker processes. It serves `jaxvgg.train.fit` and `jaxvgg.train.evaluate`
+memory; JPEG decoding, the resize and (for evaluation) the center crop happen while batches are read,
+in grain's reader threads and, with ``workers > 0``, in worker processes. It serves `jaxvgg.train.fit` and `jaxvgg.train.evaluate`
 in place of an in-memory `jaxvgg.data.Dataset`, with the same batches:
 
 - the order of epoch ``e`` is `jaxvgg.data.batch_indices` of (seed, e), the in-memory reader's, so a
@@ -15,6 +15,7 @@ in place of an in-memory `jaxvgg.data.Dataset`, with the same batches:
     stream = ImageFolderStream("data/flowers/train", image_size=256, workers=2)
     for batch in stream.batches(64, seed=0, epoch=1, drop_last=True):   # {"image": uint8 (64, 256, 256, 3), ...}
         ...
+    valid = ImageFolderStream("data/flowers/valid", image_size=256, crop=224)  # Resize(256) + CenterCrop(224)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from jaxvgg import data
+from jaxvgg import augment, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,18 @@ class _Records:
 
 @dataclasses.dataclass(frozen=True)
 class _Decode:
-    """Record -> example: the file decoded to uint8 (H, W, 3) and resized (runs in grain's threads/workers)."""
+    """Record -> example: the file decoded to uint8 (H, W, 3), resized, and center-cropped when ``box`` is
+    given (top, left, height, width): runs in grain's threads/workers."""
 
     image_size: tuple[int, int]
+    box: tuple[int, int, int, int] | None = None
 
     def __call__(self, record: dict) -> dict:
-        example = {"image": data.read_image(record["path"], self.image_size), "label": np.int32(record["label"])}
+        image = data.read_image(record["path"], self.image_size)
+        if self.box is not None:
+            top, left, height, width = self.box
+            image = np.ascontiguousarray(image[top : top + height, left : left + width])
+        example = {"image": image, "label": np.int32(record["label"])}
         if "mask" in record:
             example["mask"] = np.float32(record["mask"])
         return example
@@ -113,26 +120,44 @@ class ImageFolderStream:
     """A torchvision ImageFolder tree ``root/<class>/*.jpg|jpeg|png`` read batch by batch.
 
     Labels, class names and file order are `jaxvgg.data.load_image_folder`'s, and so are the decoded
-    images (`jaxvgg.data.read_image`), resized to ``image_size``.
+    images (`jaxvgg.data.read_image`), resized to ``image_size``; with ``crop``, center-cropped after
+    that with torchvision CenterCrop's offsets (`jaxvgg.augment.center_crop`'s): the evaluation
+    transform's geometry done where the files are read, so only the crop travels to the device.
 
     Args:
       root: the folder whose subfolders are the classes.
       image_size: int for a square, or (height, width): every image is resized to it.
+      crop: int or (height, width) no larger than ``image_size``: the center crop of every image; None: none.
       workers: grain worker processes decoding batches (0: in this process's threads).
       threads: grain reader threads per process (decoding in parallel; the order stays the same).
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int], *, workers: int = 0,
-                 threads: int = 8):
+    def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int], *,
+                 crop: int | Sequence[int] | None = None, workers: int = 0, threads: int = 8):
         paths, labels, class_names = data.image_folder_files(root)
-        self._init(tuple(map(str, paths)), labels, class_names, data._pair(image_size), workers, threads)
+        self._init(tuple(map(str, paths)), labels, class_names, data._pair(image_size),
+                   None if crop is None else data._pair(crop), workers, threads)
         self.root = Path(root)
 
-    def _init(self, paths, labels, class_names, image_size, workers, threads) -> None:
+    def _init(self, paths, labels, class_names, image_size, crop, workers, threads) -> None:
         if workers < 0 or threads < 1:
             raise ValueError(f"workers must be >= 0 and threads >= 1, got workers={workers}, threads={threads}")
+        if crop is not None and not (0 < crop[0] <= image_size[0] and 0 < crop[1] <= image_size[1]):
+            raise ValueError(f"crop {crop[0]}x{crop[1]} must be positive and fit in image_size "
+                             f"{image_size[0]}x{image_size[1]}")
         self.paths, self.labels, self.class_names = paths, np.asarray(labels, np.int32), tuple(class_names)
-        self.image_size, self.workers, self.threads = image_size, workers, threads
+        self.image_size, self.crop, self.workers, self.threads = image_size, crop, workers, threads
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, 3) of the images the batches hold: the crop's when there is one."""
+        return (*(self.crop or self.image_size), 3)
+
+    def _decode(self) -> _Decode:
+        if self.crop is None:
+            return _Decode(self.image_size)
+        top, left = augment.center_crop_offsets(self.image_size, self.crop)
+        return _Decode(self.image_size, (top, left, *self.crop))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,7 +171,7 @@ class ImageFolderStream:
         indices = np.asarray(indices, np.int64)
         new = object.__new__(ImageFolderStream)
         new._init(tuple(self.paths[i] for i in indices), self.labels[indices], self.class_names, self.image_size,
-                  self.workers, self.threads)
+                  self.crop, self.workers, self.threads)
         new.root = self.root
         return new
 
@@ -154,8 +179,7 @@ class ImageFolderStream:
         return self.subset(np.arange(min(n, len(self))))
 
     def _pipeline(self, records: _Records, batch_size: int, drop_last: bool) -> grain.MapDataset:
-        return grain.MapDataset.source(records).map(_Decode(self.image_size)).batch(batch_size,
-                                                                                    drop_remainder=drop_last)
+        return grain.MapDataset.source(records).map(self._decode()).batch(batch_size, drop_remainder=drop_last)
 
     def _iterate(self, batched: grain.MapDataset) -> grain.IterDataset:
         dataset = batched.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=64))
@@ -218,7 +242,8 @@ class ImageFolderStream:
 
     def load(self) -> data.Dataset:
         """Every image decoded into memory: the `jaxvgg.data.Dataset` of the same examples."""
-        images = [data.read_image(p, self.image_size) for p in self.paths]
-        shape = (0, *self.image_size, 3)
+        decode = self._decode()
+        images = [decode({"path": p, "label": 0})["image"] for p in self.paths]
+        shape = (0, *self.image_shape)
         return data.Dataset(np.stack(images) if images else np.zeros(shape, np.uint8), self.labels, self.class_names)
 

@@ -73,6 +73,12 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
+def all_processes_mesh() -> Mesh | None:
+    """With several processes, the mesh over all their devices, for the evaluation they share after `fit`
+    (`jaxvgg.train.predict`); None with one process (evaluation then runs on one device, as before)."""
+    return make_mesh() if jax.process_count() > 1 else None
+
+
 # On the CPU, with one XLA device per core (opt-in, see `jaxvgg.runtime`), data parallelism over
 # them pays off for small networks, whose steps are many small ops that XLA:CPU runs one at a time
 # (measured on 2 cores: LeNet training +57 %, the CIFAR CNN +12 %), and costs for big ones, whose

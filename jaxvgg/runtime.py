@@ -7,13 +7,13 @@ keeps them, which measured +25 % for the CIFAR CNN's JAX training step on this p
 themselves with tcmalloc in ``LD_PRELOAD`` when it is installed (Debian: ``libtcmalloc-minimal4``);
 ``JAXVGG_ALLOCATOR=system`` turns that off.
 
-XLA:CPU presents the whole host as one device and runs a step's many small ops one after another,
-so small networks leave cores idle. ``JAXVGG_CPU_DEVICES=auto`` (one device per core, at most 8) or
-a count makes the same re-execution set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` so
-that `jaxvgg.parallel` splits batches over the cores (`parallel.auto_num_devices` decides per model):
-measured +57 % for LeNet training on 2 cores. It is off by default: in a long benchmark on 2 cores
-XLA:CPU's in-process all-reduce once waited forever for the second device (its rendezvous aborted the
-process after 40 s), the known hazard of collectives on a small Eigen thread pool.
+XLA:CPU presents the whole host as one device. Exposing one device per core
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``) lets `jaxvgg.parallel` split small networks'
+batches over the cores (`parallel.auto_num_devices`), measured +57 % for LeNet training on 2 cores
+in one session and +10 % in a later one. The ``JAXVGG_CPU_DEVICES`` option that set it was removed:
+in one long benchmark XLA:CPU's in-process all-reduce waited for the second device until the
+rendezvous aborted the process, and the hang could not be reproduced to find its cause (docs/
+performance.md). Setting the flag by hand still works; the experiments no longer do it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 ALLOCATOR_ENV = "JAXVGG_ALLOCATOR"
-CPU_DEVICES_ENV = "JAXVGG_CPU_DEVICES"
+REMOVED_CPU_DEVICES_ENV = "JAXVGG_CPU_DEVICES"  # one XLA device per core: removed, see the module docstring
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-MAX_CPU_DEVICES = 8
 ALLOCATORS = ("tcmalloc", "system")
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
@@ -79,43 +78,31 @@ def environ_with_allocator(allocator: str, environ: dict | None = None) -> dict:
     return env
 
 
-def cpu_device_count() -> int:
-    """CPU devices to expose: ``$JAXVGG_CPU_DEVICES`` (default 1; "auto": one per usable core, at most 8)."""
-    wanted = os.environ.get(CPU_DEVICES_ENV, "1") or "1"
-    if wanted != "auto":
-        if not wanted.isdigit() or int(wanted) < 1:
-            raise ValueError(f"{CPU_DEVICES_ENV}={wanted!r}; expected auto or a positive integer")
-        return int(wanted)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_CPU_DEVICES, cores))
-
-
-def environ_with_cpu_devices(count: int, environ: dict | None = None) -> dict:
-    """A copy of ``environ`` whose XLA_FLAGS exposes ``count`` CPU devices (an existing count is kept)."""
-    env = dict(os.environ if environ is None else environ)
-    flags = env.get("XLA_FLAGS", "")
-    if DEVICE_COUNT_FLAG not in flags and count > 1:
-        env["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
-    return env
-
-
 def fast_environ(environ: dict | None = None) -> dict:
-    """``environ`` (default os.environ) with the requested allocator, where installed, and CPU devices."""
+    """``environ`` (default os.environ) with the requested allocator, where installed."""
     env = dict(os.environ if environ is None else environ)
     if requested_allocator() == "tcmalloc" and find_tcmalloc() is not None:
         env = environ_with_allocator("tcmalloc", env)
-    return environ_with_cpu_devices(cpu_device_count(), env)
+    return env
+
+
+def _warn_removed_cpu_devices() -> None:
+    wanted = os.environ.get(REMOVED_CPU_DEVICES_ENV, "")
+    if wanted not in ("", "1"):
+        print(f"note: {REMOVED_CPU_DEVICES_ENV}={wanted} is ignored (the option was removed: several XLA CPU devices "
+              f"in one process can hang in XLA's in-process all-reduce); set XLA_FLAGS={DEVICE_COUNT_FLAG}=N "
+              "yourself to split batches over CPU devices anyway", file=sys.stderr)
 
 
 def reexec_with_fast_runtime() -> None:
     """Re-executes this Python process under `fast_environ` unless it already runs under it.
 
     Call it first thing in a CLI's main, before jax computes anything. Nothing happens when the
-    environment is already right (so it runs at most once), e.g. with ``JAXVGG_ALLOCATOR=system
-    JAXVGG_CPU_DEVICES=1`` or when the user's XLA_FLAGS sets the device count.
+    environment is already right (so it runs at most once), e.g. with ``JAXVGG_ALLOCATOR=system``.
     """
     env = fast_environ()
-    if all(env.get(k) == os.environ.get(k) for k in ("LD_PRELOAD", "XLA_FLAGS")):
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        _warn_removed_cpu_devices()  # once: in the process that goes on
         return
     sys.stdout.flush()
     sys.stderr.flush()

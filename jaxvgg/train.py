@@ -193,11 +193,25 @@ def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, 
     return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
-def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500) -> np.ndarray:
-    """Model outputs (logits or log-probs, as the model returns) for every example, in order."""
-    fn = parallel.compile_step(partial(_transformed_predict, transform=transform), state.policy, "infer")
-    outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())] for b in data.padded_batches(dataset, batch_size)]
-    return np.concatenate(outs)
+def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
+            mesh: Any = None) -> np.ndarray:
+    """Model outputs (logits or log-probs, as the model returns) for every example, in order.
+
+    With a ``mesh`` (`jaxvgg.parallel.make_mesh`; over several processes, every process calls this with
+    the same arguments) each process reads only its rows of every padded batch, the batch is split over
+    the mesh's devices, and every process gets all the outputs. Without one, one device computes them.
+    """
+    fn = parallel.compile_step(partial(_transformed_predict, transform=transform), state.policy, "infer", mesh)
+    if mesh is None:
+        outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())]
+                for b in data.padded_batches(dataset, batch_size)]
+        return np.concatenate(outs)
+    batch_size = _round_up(batch_size, mesh.size)
+    placed = parallel.replicate(state, mesh)
+    # the outputs are replicated: each process reads the whole global batch's; the padding is at the end
+    outs = [distributed.to_numpy(fn(placed, parallel.shard_batch(b, mesh)["image"]))
+            for b in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh))]
+    return np.concatenate(outs)[: len(dataset)]
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -3,7 +3,9 @@
     python tests/distributed_fit.py OUT MODEL [--epochs E --steps S --workdir DIR --resume]
         [--coordinator-address H:P --num-processes N --process-id I]
 
-Writes OUT.npz (the parameters, then the BatchNorm statistics) and OUT.json (history) from process 0.
+Writes OUT.npz (the parameters, then the BatchNorm statistics) and OUT.json (history) from process 0, and
+OUT.predictions<I>.npy from every process I: the log-probabilities of 13 test images, computed over the mesh of
+all devices (each process its rows of the padded batches, every process all 13 rows).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 
 import jaxvgg
-from jaxvgg import augment, data, distributed, optim
+from jaxvgg import augment, data, distributed, evaluation, optim, parallel
 from jaxvgg.train import FitConfig, TrainState, fit
 
 BATCH = 8
@@ -46,9 +48,13 @@ def main() -> None:
     # 28 validation images in batches of 12: the last one padded, split over the processes
     cfg = FitConfig(epochs=args.epochs, batch_size=BATCH, eval_batch_size=12, num_devices=jax.device_count(),
                     workdir=args.workdir, resume=args.resume, quiet=True)
+    eval_tf = partial(augment.eval_transform, mean=mean, std=std)
     state, history = fit(state, dataset(args.steps * BATCH + 3, 0), dataset(28, 1), cfg,
                          train_transform=partial(augment.cifar_train_transform, mean=mean, std=std),
-                         eval_transform=partial(augment.eval_transform, mean=mean, std=std))
+                         eval_transform=eval_tf)
+    log_probs = evaluation.predict_log_probs(state, dataset(13, 2), eval_tf, batch_size=6,
+                                             mesh=parallel.make_mesh(jax.device_count()))
+    np.save(f"{args.out}.predictions{jax.process_index()}.npy", log_probs)
     if distributed.is_main_process():
         leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
         np.savez(args.out + ".npz", *[np.asarray(x) for x in leaves])

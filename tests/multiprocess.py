@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from jaxvgg import distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it), for one launch's coordinator."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = distributed.free_port  # one launch's coordinator port
 
 
 def env(devices: int = 1) -> dict:
@@ -26,7 +23,7 @@ def env(devices: int = 1) -> dict:
              if not f.startswith("--xla_force_host_platform_device_count")]  # ours replaces the caller's
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
             "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-            "JAXVGG_CPU_DEVICES": "", "JAXVGG_ALLOCATOR": "system"}
+            "JAXVGG_ALLOCATOR": "system"}
 
 
 def launch_flags(port: int, num_processes: int, process_id: int) -> list[str]:

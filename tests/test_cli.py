@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark", "scaling"]
 # the allocator re-exec is the experiments' own business; off here, so each case starts Python once
-ENV = {**os.environ, "JAXVGG_ALLOCATOR": "system", "JAXVGG_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "JAXVGG_ALLOCATOR": "system", "PYTHONPATH": str(ROOT)}
 
 
 def _run(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,9 @@ def _fit_run(tmp: Path, name: str, model: str, processes: int, devices: int, *ar
            timeout_s, devices)
     with np.load(f"{out}.npz") as npz:
         params = {k: npz[k] for k in npz.files}
-    return params, json.loads(Path(f"{out}.json").read_text())
+    history = json.loads(Path(f"{out}.json").read_text())
+    history["predictions"] = [np.load(f"{out}.predictions{i}.npy") for i in range(processes)]
+    return params, history
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
@@ -43,8 +44,9 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("model", ["cifar_cnn", pytest.param("vgg11", marks=pytest.mark.slow)])
 def test_two_processes_two_devices_and_one_device_train_to_the_same_parameters(tmp_path, model):
-    """5 SGD steps (augmented, label smoothing) and a padded validation pass: 2 processes x 1 device,
-    1 process x 2 devices and 1 x 1 agree to float32 rounding (the sums split differently)."""
+    """5 SGD steps (augmented, label smoothing), a padded validation pass and the test predictions (each
+    process its rows, every process all of them): 2 processes x 1 device, 1 process x 2 devices and 1 x 1
+    agree to float32 rounding (the sums split differently)."""
     one, h_one = _fit_run(tmp_path, "1x1", model, 1, 1)
     two_dev, h_dev = _fit_run(tmp_path, "1x2", model, 1, 2)
     two_proc, h_proc = _fit_run(tmp_path, "2x1", model, 2, 1)
@@ -60,6 +62,11 @@ def test_two_processes_two_devices_and_one_device_train_to_the_same_parameters(t
         for key in ("val_loss", "val_accuracy", "train_loss"):  # 28 validation images: each counted once
             np.testing.assert_allclose(history["history"]["epoch"][key], h_one["history"]["epoch"][key], rtol=1e-5,
                                        err_msg=key)
+        for i, predictions in enumerate(history["predictions"]):  # 13 test images in padded batches of 6
+            assert predictions.shape == (13, 10), (name, i)
+            print(f"{model}: {name}, process {i}: test log-probs max |d| "
+                  f"{np.max(np.abs(predictions - h_one['predictions'][0])):.2e}")
+            np.testing.assert_allclose(predictions, h_one["predictions"][0], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def _wait_for(path: Path, procs: list, timeout_s: float) -> None:

@@ -190,29 +190,23 @@ def test_allocator_environment(monkeypatch, tmp_path):
         runtime.requested_allocator()
 
 
-def test_fast_environment(monkeypatch, tmp_path):
+def test_fast_environment(monkeypatch, tmp_path, capsys):
     fake = tmp_path / "libtcmalloc_minimal.so.4"
     fake.write_bytes(b"")
     monkeypatch.setattr(runtime, "LIBRARY_DIRS", (str(tmp_path),))
-    monkeypatch.setenv(runtime.CPU_DEVICES_ENV, "4")
     monkeypatch.delenv(runtime.ALLOCATOR_ENV, raising=False)
     env = runtime.fast_environ({"XLA_FLAGS": "--xla_dump_to=/tmp/d"})
     assert env["LD_PRELOAD"] == str(fake)
-    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4"
-    # a count the user set wins; a second pass changes nothing (so the re-exec happens at most once)
-    assert runtime.fast_environ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})["XLA_FLAGS"].endswith("=2")
-    assert runtime.fast_environ(env) == env
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"  # no device count: the experiments keep one CPU device
+    assert runtime.fast_environ(env) == env  # a second pass changes nothing (the re-exec happens at most once)
     monkeypatch.setenv(runtime.ALLOCATOR_ENV, "system")
-    monkeypatch.setenv(runtime.CPU_DEVICES_ENV, "1")
     env = runtime.fast_environ({})
     assert "LD_PRELOAD" not in env and "XLA_FLAGS" not in env
-    monkeypatch.delenv(runtime.CPU_DEVICES_ENV)
-    assert runtime.cpu_device_count() == 1  # off by default
-    monkeypatch.setenv(runtime.CPU_DEVICES_ENV, "auto")
-    assert 1 <= runtime.cpu_device_count() <= runtime.MAX_CPU_DEVICES
-    monkeypatch.setenv(runtime.CPU_DEVICES_ENV, "many")
-    with pytest.raises(ValueError, match="JAXVGG_CPU_DEVICES='many'"):
-        runtime.cpu_device_count()
+    # the removed one-device-per-core option is ignored, with a note that says how to get it by hand
+    monkeypatch.setenv(runtime.REMOVED_CPU_DEVICES_ENV, "auto")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    runtime.reexec_with_fast_runtime()  # the system allocator is already in place: no re-exec
+    assert "JAXVGG_CPU_DEVICES=auto is ignored" in capsys.readouterr().err
 
 
 def test_auto_num_devices_keeps_big_networks_on_one_cpu_device(monkeypatch):

@@ -71,6 +71,30 @@ def test_stream_reads_the_in_memory_readers_batches_and_resumes_from_its_state(t
         stream.batches(8, seed=5, epoch=2).set_state(saved)
 
 
+def test_stream_center_crop_is_the_evaluation_transforms_crop(tmp_path):
+    """valid/ of vgg16_transfer: Resize(256) + CenterCrop(224) when read, then normalisation only, gives the
+    arrays the in-memory path's evaluation transform (resize on the device, crop, normalise) gives, to float32
+    rounding."""
+    from experiments import vgg16_transfer
+
+    root = make_folder(tmp_path / "folder", per_class=3)
+    stream = ImageFolderStream(root, 256, crop=224)
+    assert stream.image_shape == (224, 224, 3) and stream.subset([1, 0]).crop == (224, 224)
+    batch = next(iter(data.padded_batches(stream, 9)))
+    memory = data.load_image_folder(root, 256)
+    assert batch["image"].shape == (9, 224, 224, 3) and batch["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["image"], memory.images[:, 16:240, 16:240])  # torchvision's offsets
+    np.testing.assert_array_equal(stream.load().images, memory.images[:, 16:240, 16:240])
+    _, eval_tf = vgg16_transfer.transforms(rotation=10, jitter=0.1)
+    expected = np.asarray(eval_tf(memory.images))
+    got = np.asarray(vgg16_transfer.cropped_eval(batch["image"]))
+    # the device's Resize(256) of a 256x256 image is the identity up to float32 rounding of its weights
+    print(f"cropped when read vs resized and cropped on the device: max |d| {np.max(np.abs(got - expected)):.1e}")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="crop 300x300 must be positive and fit in image_size 256x256"):
+        ImageFolderStream(root, 256, crop=300)
+
+
 def _transforms():
     mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
     return (partial(augment.cifar_train_transform, mean=mean, std=std),
