@@ -72,7 +72,7 @@ def measure_input(cfg: Config) -> dict:
     import jaxvgg
     from jaxvgg import augment, data, optim, parallel
     from jaxvgg.input_pipeline import ImageFolderStream
-    from jaxvgg.train import TrainState, _augmented_train_step
+    from jaxvgg.train import TrainState, augmented_train_step
 
     results: dict = {"batch_size": cfg.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +97,7 @@ def measure_input(cfg: Config) -> dict:
     tx = optim.create_optimizer("adam", 1e-3, trainable=jaxvgg.trainable_mask("vgg16_transfer", params["params"]))
     state = TrainState.for_model("vgg16_transfer", model, params, tx, rng=jax.random.PRNGKey(1))
     train_tf, _ = augment.transfer_transforms(15.0, 0.2)  # vgg16_transfer's defaults
-    step = parallel.compile_step(partial(_augmented_train_step, transform=train_tf), state.policy, "train",
+    step = parallel.compile_step(partial(augmented_train_step, transform=train_tf), state.policy, "train",
                                  donate_state=True)
     batch = {"image": np.random.default_rng(0).integers(0, 256, (cfg.batch_size, 256, 256, 3), dtype=np.uint8),
              "label": np.zeros(cfg.batch_size, np.int32)}

@@ -159,8 +159,9 @@ class FitConfig:
     checkpoint_every_steps: int | None = None
 
 
-def _augmented_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
-    """train_step on ``transform``-ed images, with an augmentation key derived from (rng, step)."""
+def augmented_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
+    """`train_step` on ``transform``-ed uint8 images, with an augmentation key derived from (rng, step):
+    the step `fit` jits (``partial(augmented_train_step, transform=...)``); metrics also hold the lr used."""
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
     state, metrics = train_step(state, {**batch, "image": transform(key, batch["image"])})
     return state, {**metrics, "lr": optim.current_lr(state.opt_state)}  # the lr this step used
@@ -296,7 +297,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
             _log(f"resumed from {workdir / 'checkpoints' / 'partial'} in epoch {meta['epoch']}, "
                  f"after batch {meta['batch']} of {steps_per_epoch}")
 
-    train_fn = parallel.compile_step(partial(_augmented_train_step, transform=train_transform), state.policy,
+    train_fn = parallel.compile_step(partial(augmented_train_step, transform=train_transform), state.policy,
                                      "train", mesh, donate_state=True)
     eval_fn = parallel.compile_step(partial(_transformed_eval_step, transform=eval_transform), state.policy,
                                     "infer", mesh)
