@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
+from experiments.common import (at_least, check_batch_size, default_policy, load_splits, parse_config, policy_record,
                                 precision_field, prepare_workdir, run_cli, write_summary)
 from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
 from jaxvgg.policy import Policy
@@ -59,6 +59,9 @@ class Config:
     nesterov: bool = dataclasses.field(default=True, metadata={"help": "Nesterov momentum (paper: false)"})
     weight_decay: float = dataclasses.field(default=5e-4, metadata={"help": "coupled L2, torch SGD style (paper: 5e-4)"})
     dropout: float = dataclasses.field(default=0.5, metadata={"help": "dropout before the 2nd and 3rd Linear (paper: 0.5)"})
+    hidden: int = dataclasses.field(default=4096, metadata={
+        "help": "width of the two hidden Linear layers (paper: 4096; CIFAR ports often use 512)",
+        "check": at_least(1)})
     label_smoothing: float = dataclasses.field(default=0.1, metadata={"help": "0 for the paper's plain cross-entropy"})
     plateau_patience: int = dataclasses.field(default=2, metadata={"help": "epochs without gain before lr/10 (plateau)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
@@ -96,10 +99,10 @@ def transforms(image_size: int):
 
 def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState:
     """The step-0 TrainState of a run with ``cfg``; also the template its checkpoints restore into."""
-    model = jaxvgg.create_model(cfg.model, num_classes=10, policy=policy, dropout_rate=cfg.dropout)
+    model = jaxvgg.create_model(cfg.model, num_classes=10, policy=policy, dropout_rate=cfg.dropout, hidden=cfg.hidden)
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     variables = jaxvgg.init_params(cfg.model, key_init, 10, (cfg.image_size, cfg.image_size, 3),
-                                   dropout_rate=cfg.dropout)  # params, and batch_stats for BatchNorm models
+                                   dropout_rate=cfg.dropout, hidden=cfg.hidden)  # and batch_stats for BN models
     lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
         cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
     tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)

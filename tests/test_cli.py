@@ -35,6 +35,7 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("cifar_vgg", "--epochs", "0", "must be >= 1"),
     ("cifar_vgg", "--batch-size", "0", "must be >= 1"),
     ("cifar_vgg", "--limit", "0", "must be >= 1"),
+    ("cifar_vgg", "--hidden", "0", "must be >= 1"),
     ("cifar_vgg", "--lr", "-1", "finite number > 0"),
     ("cifar_vgg", "--lr", "nan", "finite number > 0"),
     ("cifar_vgg", "--lr", "inf", "finite number > 0"),

@@ -113,3 +113,13 @@ def test_cifar_vgg_trains_a_batchnorm_vgg_and_its_running_statistics_reach_the_t
     out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
                "--layer", "features_15", "--workdir", str(tmp_path / "refused"))
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --layer: the features_* choices are VGG-A's")
+
+
+def test_cifar_vgg_hidden_sets_the_width_of_both_hidden_linear_layers():
+    """--hidden 512: the 512 -> 512 -> 512 -> 10 head of many CIFAR VGG ports, in place of the paper's 4096-wide one."""
+    from experiments import cifar_vgg
+    from jaxvgg.policy import Policy
+
+    state = cifar_vgg.build_state(cifar_vgg.Config(model="vgg11_bn", hidden=512), 10, Policy())
+    shapes = {k: v["kernel"].shape for k, v in state.params.items() if k.startswith("classifier")}
+    assert shapes == {"classifier_0": (512, 512), "classifier_3": (512, 512), "classifier_6": (512, 10)}
