@@ -28,8 +28,8 @@ bf16 x bf16 -> f32 as the models multiply) are measured in every run, and each r
 Allocators: each one (``--allocators``) runs in a child process of its own with ``LD_PRELOAD`` set
 accordingly, and both frameworks share it; ``auto`` = system and, where installed, tcmalloc. The
 JAX side runs data parallel over `jaxvgg.parallel.auto_num_devices` devices, as `fit` does (one CPU
-device unless XLA_FLAGS asks for more); torch runs with its default intra-op threads (one per core). ``--allocators current`` runs in this process
-as it is.
+device unless XLA_FLAGS asks for more); torch runs with its default intra-op threads (one per core).
+``--allocators current`` runs in this process as it is.
 
 The real input pipeline is timed too: one CIFAR-10 training epoch through `jaxvgg.train.fit`
 (uint8 gather on the host, augmentation on the device), with the host-side batch pipeline timed on

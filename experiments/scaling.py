@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import at_least, parse_config, run_cli
+from jaxvgg import runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +157,7 @@ def _worker(out: str, model: str, steps: int, batch_size: int) -> None:
 
 def _run_together(commands: list[list[str]], timeout_s: float = 900) -> None:
     """Runs the commands at once (one CPU device each, the system allocator); all must end with status 0."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAXVGG_ALLOCATOR": "system"}
+    env = {**runtime.environ_with_cpu_devices(1), "JAXVGG_ALLOCATOR": "system"}
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for c in commands]
     try:

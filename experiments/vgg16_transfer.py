@@ -46,7 +46,7 @@ MODEL = "vgg16_transfer"
 HEAD_MODEL = "transfer_head"  # the new head alone, trained on cached features
 FEATURE_LAYER = "classifier_4"  # ReLU after the 2nd Linear: the input of classifier.5 (dropout) and the head
 CROP = 224
-RESIZE = 256  # the evaluation transform: Resize(RESIZE) -> CenterCrop(CROP)
+RESIZE = 256  # the transforms' Resize / RandomResizedCrop size, then CenterCrop(CROP); valid/ is read at it
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision IMAGENET1K_V1
 
 
@@ -138,8 +138,8 @@ def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
 # --- transforms -------------------------------------------------------------------------------------
 
 def transforms(rotation: float, jitter: float) -> tuple[Callable, Callable]:
-    """(train, eval) transforms of the tutorial: `jaxvgg.augment.transfer_transforms` at 224."""
-    return augment.transfer_transforms(rotation, jitter, CROP)
+    """(train, eval) transforms of the tutorial: `jaxvgg.augment.transfer_transforms`, 256 then 224."""
+    return augment.transfer_transforms(rotation, jitter, CROP, RESIZE)
 
 
 def cropped_eval(images):

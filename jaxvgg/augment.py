@@ -699,25 +699,26 @@ def eval_transform(images: jax.Array, mean: Sequence[float], std: Sequence[float
     return normalize(images, mean, std)
 
 
-def transfer_transforms(rotation: float, jitter: float, crop: int = 224) -> tuple[Callable, Callable]:
+def transfer_transforms(rotation: float, jitter: float, crop: int = 224,
+                        resize: int = 256) -> tuple[Callable, Callable]:
     """(train, eval) transforms of the VGG16 transfer tutorial, uint8 in, ImageNet-normalised float32
     (B, crop, crop, 3) out.
 
-    train: RandomResizedCrop(256, scale=(0.8, 1)) -> RandomRotation -> ColorJitter -> RandomHorizontalFlip
-    -> CenterCrop(crop); eval: Resize(256) -> CenterCrop(crop).
+    train: RandomResizedCrop(resize, scale=(0.8, 1)) -> RandomRotation -> ColorJitter -> RandomHorizontalFlip
+    -> CenterCrop(crop); eval: Resize(resize) -> CenterCrop(crop).
     """
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def train_tf(key, images):
         k_crop, k_rotate, k_jitter, k_flip = jax.random.split(key, 4)
-        x = random_resized_crop(k_crop, images, 256, scale=(0.8, 1.0)) / 255.0  # float in [0, 1]
+        x = random_resized_crop(k_crop, images, resize, scale=(0.8, 1.0)) / 255.0  # float in [0, 1]
         x = random_rotation(k_rotate, x, float(rotation))
         x = color_jitter(k_jitter, x, brightness=jitter, contrast=jitter, saturation=jitter)
         x = random_flip(k_flip, x)
         return normalize(center_crop(x, crop), mean, std)
 
     def eval_tf(images):
-        return normalize(resize_center_crop(images, resize=256, crop=crop) / 255.0, mean, std)
+        return normalize(resize_center_crop(images, resize=resize, crop=crop) / 255.0, mean, std)
 
     return train_tf, eval_tf
 

@@ -2,8 +2,8 @@
 
 `ImageFolderStream` reads a torchvision ImageFolder tree lazily: only the file list and labels live in
 memory; JPEG decoding, the resize and (for evaluation) the center crop happen while batches are read,
-in grain's reader threads and, with ``workers > 0``, in worker processes. It serves `jaxvgg.train.fit` and `jaxvgg.train.evaluate`
-in place of an in-memory `jaxvgg.data.Dataset`, with the same batches:
+in grain's reader threads and, with ``workers > 0``, in worker processes. It serves `jaxvgg.train.fit`
+and `jaxvgg.train.evaluate` in place of an in-memory `jaxvgg.data.Dataset`, with the same batches:
 
 - the order of epoch ``e`` is `jaxvgg.data.batch_indices` of (seed, e), the in-memory reader's, so a
   global shuffle per (seed, epoch) that does not depend on the process or device count;
@@ -59,12 +59,15 @@ class _Decode:
     image_size: tuple[int, int]
     box: tuple[int, int, int, int] | None = None
 
+    def read(self, path: str) -> np.ndarray:
+        image = data.read_image(path, self.image_size)
+        if self.box is None:
+            return image
+        top, left, height, width = self.box
+        return np.ascontiguousarray(image[top : top + height, left : left + width])
+
     def __call__(self, record: dict) -> dict:
-        image = data.read_image(record["path"], self.image_size)
-        if self.box is not None:
-            top, left, height, width = self.box
-            image = np.ascontiguousarray(image[top : top + height, left : left + width])
-        example = {"image": image, "label": np.int32(record["label"])}
+        example = {"image": self.read(record["path"]), "label": np.int32(record["label"])}
         if "mask" in record:
             example["mask"] = np.float32(record["mask"])
         return example
@@ -242,8 +245,8 @@ class ImageFolderStream:
 
     def load(self) -> data.Dataset:
         """Every image decoded into memory: the `jaxvgg.data.Dataset` of the same examples."""
-        decode = self._decode()
-        images = [decode({"path": p, "label": 0})["image"] for p in self.paths]
+        read = self._decode().read
+        images = [read(p) for p in self.paths]
         shape = (0, *self.image_shape)
         return data.Dataset(np.stack(images) if images else np.zeros(shape, np.uint8), self.labels, self.class_names)
 

@@ -78,6 +78,15 @@ def environ_with_allocator(allocator: str, environ: dict | None = None) -> dict:
     return env
 
 
+def environ_with_cpu_devices(count: int, environ: dict | None = None) -> dict:
+    """A copy of ``environ`` (default os.environ) whose XLA_FLAGS exposes ``count`` CPU devices, in place of
+    any device count it had (for processes started by tests and experiments.scaling)."""
+    env = dict(os.environ if environ is None else environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={count}"])
+    return env
+
+
 def fast_environ(environ: dict | None = None) -> dict:
     """``environ`` (default os.environ) with the requested allocator, where installed."""
     env = dict(os.environ if environ is None else environ)

@@ -13,7 +13,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -183,13 +183,19 @@ def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_si
     return _evaluate(step, state, dataset, batch_size, mesh)
 
 
+def _global_padded_batches(dataset: Any, batch_size: int, mesh: Any) -> Iterator[dict]:
+    """The padded batches of ``dataset`` (the size rounded up to a multiple of the mesh's), each split over
+    the mesh: every process reads only its rows, so over all processes each example counts once."""
+    batch_size = _round_up(batch_size, mesh.size)
+    for batch in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh)):
+        yield parallel.shard_batch(batch, mesh)
+
+
 def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, mesh: Any) -> dict[str, float]:
     """`evaluate` with an already jitted eval step (fit reuses one, so it compiles once per run)."""
-    batch_size = _round_up(batch_size, mesh.size)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    # each process feeds its rows of every padded batch; the sums are over the whole (global) batch
-    for batch in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh)):
-        sums = step(state, parallel.shard_batch(batch, mesh))
+    for batch in _global_padded_batches(dataset, batch_size, mesh):  # sums over the whole (global) batch
+        sums = step(state, batch)
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
@@ -207,11 +213,9 @@ def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_siz
         outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())]
                 for b in data.padded_batches(dataset, batch_size)]
         return np.concatenate(outs)
-    batch_size = _round_up(batch_size, mesh.size)
     placed = parallel.replicate(state, mesh)
     # the outputs are replicated: each process reads the whole global batch's; the padding is at the end
-    outs = [distributed.to_numpy(fn(placed, parallel.shard_batch(b, mesh)["image"]))
-            for b in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh))]
+    outs = [distributed.to_numpy(fn(placed, b["image"])) for b in _global_padded_batches(dataset, batch_size, mesh)]
     return np.concatenate(outs)[: len(dataset)]
 
 

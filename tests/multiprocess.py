@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxvgg import distributed
+from jaxvgg import distributed, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,11 +19,8 @@ free_port = distributed.free_port  # one launch's coordinator port
 
 def env(devices: int = 1) -> dict:
     """The environment of one process with ``devices`` CPU devices, unbuffered, the repository importable."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]  # ours replaces the caller's
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
-            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-            "JAXVGG_ALLOCATOR": "system"}
+    return {**runtime.environ_with_cpu_devices(devices), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
+            "JAXVGG_ALLOCATOR": "system"}  # our device count replaces the caller's
 
 
 def launch_flags(port: int, num_processes: int, process_id: int) -> list[str]:
