@@ -152,11 +152,31 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
     record(case.id, "loss (training mode)", abs(float(loss_f) - loss_t.item()), "rtol=atol=1e-5")
     np.testing.assert_allclose(float(loss_f), loss_t.item(), rtol=1e-5, atol=1e-5)
     assert set(grads_f) == set(grads_t)
+    grads_64 = None  # torch's float64 gradients, the judge where the two float32 results disagree
     for k, g in grads_t.items():
         # gradients through batch statistics of a few examples are large and cancel: scale atol by the tensor's
-        np.testing.assert_allclose(grads_f[k], g, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(g).max())), err_msg=k)
+        atol = 1e-5 * max(1.0, float(np.abs(g).max()))
+        if np.allclose(grads_f[k], g, rtol=1e-4, atol=atol):
+            continue
+        # Deep in VGG16-BN (13 BatchNorms over 2 images) float32 rounding alone moves a few gradient entries
+        # past that tolerance, by an amount that depends on the machine's summation order. Then jaxvgg must be
+        # as close to the float64 gradient as torch's float32 one is (within 2x): an error of jaxvgg fails.
+        if grads_64 is None:
+            grads_64 = torch_float64_gradients(torch_model, x, y)
+        ours, theirs = max_abs(grads_f[k], grads_64[k]), max_abs(g, grads_64[k])
+        record(case.id, f"{k} gradient vs torch float64 (torch float32's error {theirs:.1e})", ours,
+               "<= 2x torch float32's error")
+        assert ours <= 2.0 * theirs + atol * 1e-3, (k, ours, theirs)
     record(case.id, f"gradients of {len(grads_t)} tensors (training mode)", worst(grads_f, grads_t),
-           "rtol=1e-4, atol=1e-5*max(1, max|grad|)")
+           "rtol=1e-4, atol=1e-5*max(1, max|grad|), else vs float64")
+
+
+def torch_float64_gradients(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
+    """The training-mode loss's gradients of a float64 copy of ``torch_model`` (the same weights and batch)."""
+    model = copy.deepcopy(torch_model).double().train()
+    model.zero_grad()
+    F.cross_entropy(model(to_nchw(x).double()), torch.from_numpy(y).long()).backward()
+    return {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
 
 
 def _lockstep(case: Case, torch_model: torch.nn.Module, variables: dict, form: str, dtype,
