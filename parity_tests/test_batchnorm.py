@@ -136,10 +136,7 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
     torch_model = build(case, factory).train()
     variables = convert(case, torch_model)
     x, y = inputs(case), labels(case)
-    torch_model.zero_grad()
-    loss_t = F.cross_entropy(torch_model(to_nchw(x)), torch.from_numpy(y).long())
-    loss_t.backward()
-    grads_t = {k: p.grad.numpy().copy() for k, p in torch_model.named_parameters()}
+    loss_t, grads_t = torch_loss_and_gradients(torch_model, x, y)
 
     model = flax_model(case, impl)
 
@@ -149,8 +146,8 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
 
     loss_f, grads = parallel.compile_step(jax.value_and_grad(loss_fn), model.policy, "train")(variables["params"])
     grads_f = jaxvgg.to_torch(case.name, grads)
-    record(case.id, "loss (training mode)", abs(float(loss_f) - loss_t.item()), "rtol=atol=1e-5")
-    np.testing.assert_allclose(float(loss_f), loss_t.item(), rtol=1e-5, atol=1e-5)
+    record(case.id, "loss (training mode)", abs(float(loss_f) - loss_t), "rtol=atol=1e-5")
+    np.testing.assert_allclose(float(loss_f), loss_t, rtol=1e-5, atol=1e-5)
     assert set(grads_f) == set(grads_t)
     grads_64 = None  # torch's float64 gradients, the judge where the two float32 results disagree
     for k, g in grads_t.items():
@@ -162,7 +159,7 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
         # past that tolerance, by an amount that depends on the machine's summation order. Then jaxvgg must be
         # as close to the float64 gradient as torch's float32 one is (within 2x): an error of jaxvgg fails.
         if grads_64 is None:
-            grads_64 = torch_float64_gradients(torch_model, x, y)
+            grads_64 = torch_loss_and_gradients(torch_model, x, y, torch.float64)[1]
         ours, theirs = max_abs(grads_f[k], grads_64[k]), max_abs(g, grads_64[k])
         record(case.id, f"{k} gradient vs torch float64 (torch float32's error {theirs:.1e})", ours,
                "<= 2x torch float32's error")
@@ -171,12 +168,15 @@ def test_bn_training_mode_gradients_match_torch(case, factory, impl, record):
            "rtol=1e-4, atol=1e-5*max(1, max|grad|), else vs float64")
 
 
-def torch_float64_gradients(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
-    """The training-mode loss's gradients of a float64 copy of ``torch_model`` (the same weights and batch)."""
-    model = copy.deepcopy(torch_model).double().train()
+def torch_loss_and_gradients(torch_model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
+                             dtype: torch.dtype = torch.float32) -> tuple[float, dict]:
+    """The training-mode cross-entropy of ``torch_model`` on (x, y) and its gradients, in ``dtype``
+    (another dtype than float32: computed by a copy of the model in it, from the same weights)."""
+    model = (torch_model if dtype == torch.float32 else copy.deepcopy(torch_model).to(dtype)).train()
     model.zero_grad()
-    F.cross_entropy(model(to_nchw(x).double()), torch.from_numpy(y).long()).backward()
-    return {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+    loss = F.cross_entropy(model(to_nchw(x).to(dtype)), torch.from_numpy(y).long())
+    loss.backward()
+    return loss.item(), {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
 
 
 def _lockstep(case: Case, torch_model: torch.nn.Module, variables: dict, form: str, dtype,

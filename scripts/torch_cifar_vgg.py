@@ -16,7 +16,6 @@ partial one. The float32 run's test accuracy (running BatchNorm statistics) and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's t
 
 from experiments.common import load_splits  # noqa: E402
 from jaxvgg import augment  # noqa: E402
-from torch_ref.models import CFGS, DEPTHS, VGG  # noqa: E402
+from jaxvgg.checkpoint import write_json  # noqa: E402
+from torch_ref.models import DEPTHS, VGG  # noqa: E402
 
 MODELS = tuple(f"vgg{d}{bn}" for d in DEPTHS for bn in ("", "_bn"))
 
@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     train, val, test = load_splits("cifar10", args.data_dir, args.limit, args.val_fraction, args.seed)
     x_train, y_train = np.asarray(train.images), np.asarray(train.labels).astype(np.int64)
+    x_val, y_val = np.asarray(val.images), np.asarray(val.labels).astype(np.int64)
 
     depth = int(args.model[3:5])
     model = VGG(DEPTHS[depth], num_classes=10, image_size=32, dropout=args.dropout,
                 batch_norm=args.model.endswith("_bn"))
-    assert CFGS[DEPTHS[depth]]
     steps_per_epoch = len(x_train) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(x_train)} training images")
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
             sums += (float(loss.detach()) * len(idx), int((out.argmax(1) == y).sum()), len(idx))
         record = {"epoch": epoch, "train_loss": sums[0] / sums[2], "train_accuracy": sums[1] / sums[2],
                   "time_s": time.perf_counter() - t0}
-        if len(val):
-            v = evaluate(model, np.asarray(val.images), np.asarray(val.labels).astype(np.int64))
+        if len(x_val):
+            v = evaluate(model, x_val, y_val)
             record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
         history.append(record)
         print("epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"test accuracy {result['test']['accuracy']:.4f}, test loss {result['test']['loss']:.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_json(args.out, result)
     return result
 
 
