@@ -50,7 +50,7 @@ from typing import Callable
 
 import jax
 
-from experiments.common import ConfigError, default_policy, parse_config
+from experiments.common import ConfigError, at_least, default_policy, parse_config
 from jaxvgg import augment, data, models, optim, parallel, runtime
 from jaxvgg.benchmark import (MODEL_NAMES, build_case, forward_max_abs_diff, machine, matmul_peak, measure, table,
                               with_precision)
@@ -88,6 +88,9 @@ class Config:
         "help": "also time torch.compile'd PyTorch (inductor; needs a C compiler, compiles slowly on a small CPU)"})
     torch_threads: int | None = dataclasses.field(default=None, metadata={
         "help": "torch.set_num_threads (default: torch's own, one per core)"})
+    peak_size: int = dataclasses.field(default=2048, metadata={
+        "help": "n of the n x n x n matmul whose GFLOP/s is each precision's peak (small: a quick run)",
+        "check": at_least(16)})
     json: str | None = dataclasses.field(default=None, metadata={"help": "write the rows as JSON here"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no per-round lines"})
     child: bool = dataclasses.field(default=False, metadata={
@@ -158,9 +161,10 @@ def run_here(cfg: Config, say: Callable[[str], None]) -> list[dict]:
     allocator = runtime.allocator_in_use()
     say(f"allocator {allocator}; jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    peaks = {p: matmul_peak(precision=p) for p in PRECISIONS}  # both, whichever rows are asked for
+    n = cfg.peak_size
+    peaks = {p: matmul_peak(n, precision=p) for p in PRECISIONS}  # both, whichever rows are asked for
     for p, peak in peaks.items():
-        say(f"{p} matmul peak (2048^3): jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s")
+        say(f"{p} matmul peak ({n}^3): jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s")
     rows = []
     for i, name in enumerate(names):
         base = build_case(name, jax.random.PRNGKey(i), default_policy(name))
@@ -183,7 +187,7 @@ def run_here(cfg: Config, say: Callable[[str], None]) -> list[dict]:
     for row in rows:
         own = peaks[row["precision"]]  # "% of peak" is against the row's own precision
         row.update(allocator=allocator, backend=jax.default_backend(), torch_threads=torch.get_num_threads(),
-                   peak_gflops_jax=own["jax"], peak_gflops_torch=own["torch"], **every_peak)
+                   peak_gflops_jax=own["jax"], peak_gflops_torch=own["torch"], peak_size=n, **every_peak)
     return rows
 
 

@@ -418,14 +418,16 @@ def table(rows: list[dict]) -> str:
                      f"{e['allocator']}): {e['epoch_s']:.1f} s ({e['jax_img_s']:,.0f} img/s, first-step compile "
                      f"included); the host input pipeline alone takes {e['pipeline_s']:.2f} s = "
                      f"{100 * e['pipeline_fraction']:.1f} % of the epoch.")
-    peaks: dict[tuple[str, str], tuple[float, float]] = {}  # (allocator, precision) -> (jax, torch) GFLOP/s
+    peaks: dict[tuple[str, str, int], tuple[float, float]] = {}  # (allocator, precision, n) -> (jax, torch) GFLOP/s
     for r in rows:
+        n = r.get("peak_size", 2048)  # rows written before --peak-size: 2048
         for p in PRECISIONS:
             if f"peak_gflops_jax_{p}" in r:
-                peaks[r["allocator"], p] = (r[f"peak_gflops_jax_{p}"], r[f"peak_gflops_torch_{p}"])
-        peaks.setdefault((r["allocator"], r.get("precision", "fp32")), (r["peak_gflops_jax"], r["peak_gflops_torch"]))
-    lines += [f"{PEAK_LABELS[p]} matmul peak, 2048^3 ({a}): jax {j:.0f}, torch {t:.0f} GFLOP/s."
-              for (a, p), (j, t) in peaks.items()]
+                peaks[r["allocator"], p, n] = (r[f"peak_gflops_jax_{p}"], r[f"peak_gflops_torch_{p}"])
+        peaks.setdefault((r["allocator"], r.get("precision", "fp32"), n),
+                         (r["peak_gflops_jax"], r["peak_gflops_torch"]))
+    lines += [f"{PEAK_LABELS[p]} matmul peak, {n}^3 ({a}): jax {j:.0f}, torch {t:.0f} GFLOP/s."
+              for (a, p, n), (j, t) in peaks.items()]
     return "\n".join(lines)
 
 

@@ -229,8 +229,11 @@ def _new_history() -> dict:
                                       "time_s", "images_per_s")}}
 
 
+StepHook = Callable[[int, int, dict], None]  # (epoch, batch of the epoch, {"loss", "accuracy", "lr"}) -> None
+
+
 def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *, train_transform: Transform,
-        eval_transform: EvalTransform) -> tuple[TrainState, dict]:
+        eval_transform: EvalTransform, on_step: StepHook | None = None) -> tuple[TrainState, dict]:
     """Trains ``state`` for ``config.epochs`` epochs; the pure steps are jitted here.
 
     Args:
@@ -241,6 +244,10 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
       train_transform: jittable ``(key, uint8 images) -> float32`` run on the device per batch
         (augmentation + normalisation).
       eval_transform: jittable ``uint8 images -> float32``.
+      on_step: called on the host of every process as ``on_step(epoch, batch, metrics)`` once a step's
+        metrics have been read (``batch`` counts from 1 within the epoch; metrics are floats: loss,
+        accuracy, lr) and its history entry written, before a mid-epoch save after that batch: for
+        logging, or for a test that stops the run at a step it chooses.
 
     Returns:
       (final state, history). With early stopping the state holds the best epoch's parameters (and
@@ -308,7 +315,8 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
     state = parallel.replicate(state, mesh)
     try:
         state, best_params = _epochs(state, train_data, val_data, config, train_fn, eval_fn, mesh, rows, quiet,
-                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir, resume_at)
+                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir, resume_at,
+                                     on_step)
     except Exception as e:  # a dead peer fails the next collective: say which process, not gloo's socket error
         if distributed.is_collective_failure(e):
             raise distributed.describe_lost(e) from e
@@ -330,7 +338,7 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
 def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, train_fn: Callable,
             eval_fn: Callable, mesh: Any, rows: slice, quiet: bool, checkpoints: Any, history: dict,
             first_epoch: int, base_lr: float, steps_per_epoch: int, workdir: Path | None,
-            resume_at: dict | None = None) -> tuple[TrainState, Any]:
+            resume_at: dict | None = None, on_step: StepHook | None = None) -> tuple[TrainState, Any]:
     """`fit`'s epoch loop: train, validate, apply the epoch rules, write history and checkpoints.
 
     ``resume_at``: the meta of a mid-epoch save of ``first_epoch`` to continue from (its batch, input state).
@@ -375,6 +383,8 @@ def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig
             h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
                             img_s=f"{(sums[2] - counted0) / (time.perf_counter() - start):.0f}", refresh=False)
+            if on_step is not None:
+                on_step(epoch, i + 1, {"loss": loss, "accuracy": acc, "lr": lr})
 
         every = config.checkpoint_every_steps if checkpoints is not None else None
         for i, batch in enumerate(bar, start=done):

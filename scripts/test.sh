@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 marker=(-m "not slow")
 if [ "${1:-}" = "--all" ]; then marker=(); shift; fi
-exec .venv/bin/python -m pytest "${marker[@]}" -q --durations=15 "$@" tests parity_tests
+exec .venv/bin/python -m pytest "${marker[@]}" -q --durations=25 "$@" tests parity_tests

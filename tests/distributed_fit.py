@@ -1,11 +1,12 @@
 """One process of tests/test_distributed.py: `fit` for a few steps, then the final parameters to an npz.
 
     python tests/distributed_fit.py OUT MODEL [--epochs E --steps S --workdir DIR --resume]
-        [--coordinator-address H:P --num-processes N --process-id I]
+        [--coordinator-address H:P --num-processes N --process-id I] [--stop-at EPOCH:BATCH --stop-fd FD]
 
 Writes OUT.npz (the parameters, then the BatchNorm statistics) and OUT.json (history) from process 0, and
 OUT.predictions<I>.npy from every process I: the log-probabilities of 13 test images, computed over the mesh of
-all devices (each process its rows of the padded batches, every process all 13 rows).
+all devices (each process its rows of the padded batches, every process all 13 rows). With ``--stop-at`` the
+process signals FD when it reaches that batch and waits to be killed (`tests.faults`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import jaxvgg
 from jaxvgg import augment, data, distributed, evaluation, optim, parallel
 from jaxvgg.train import FitConfig, TrainState, fit
+from tests import faults
 
 BATCH = 8
 
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--epochs", type=int, default=1), parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workdir"), parser.add_argument("--resume", action="store_true")
+    faults.add_arguments(parser)
     args = parser.parse_args()
     if args.coordinator_address:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, heartbeat_timeout_s=10)
@@ -51,7 +54,7 @@ def main() -> None:
     eval_tf = partial(augment.eval_transform, mean=mean, std=std)
     state, history = fit(state, dataset(args.steps * BATCH + 3, 0), dataset(28, 1), cfg,
                          train_transform=partial(augment.cifar_train_transform, mean=mean, std=std),
-                         eval_transform=eval_tf)
+                         eval_transform=eval_tf, on_step=faults.hook_from(args))
     log_probs = evaluation.predict_log_probs(state, dataset(13, 2), eval_tf, batch_size=6,
                                              mesh=parallel.make_mesh(jax.device_count()))
     np.save(f"{args.out}.predictions{jax.process_index()}.npy", log_probs)

@@ -28,15 +28,16 @@ def launch_flags(port: int, num_processes: int, process_id: int) -> list[str]:
             "--process-id", str(process_id)]
 
 
-def start(commands: list[list[str]], logs: Path, devices: int = 1) -> list[subprocess.Popen]:
+def start(commands: list[list[str]], logs: Path, devices: int = 1,
+          pass_fds: dict[int, tuple[int, ...]] | None = None) -> list[subprocess.Popen]:
     """Starts one process per command, each in its own session (so a kill takes its children too),
-    stdout and stderr to ``logs/process<i>.log``."""
+    stdout and stderr to ``logs/process<i>.log``; ``pass_fds[i]``: file descriptors process i inherits."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, command in enumerate(commands):
         out = open(logs / f"process{i}.log", "w")
         procs.append(subprocess.Popen(command, env=env(devices), stdout=out, stderr=subprocess.STDOUT,
-                                      cwd=ROOT, start_new_session=True))
+                                      cwd=ROOT, start_new_session=True, pass_fds=(pass_fds or {}).get(i, ())))
         out.close()
     return procs
 
@@ -44,8 +45,11 @@ def start(commands: list[list[str]], logs: Path, devices: int = 1) -> list[subpr
 def wait(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
     """Exit codes once all end, or None for each still running after ``timeout_s`` (then killed)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.1)
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
     codes = [p.poll() for p in procs]
     kill(procs)
     return codes

@@ -53,7 +53,7 @@ def test_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--models", "cifar_cnn,transfer_head", "--rounds", "2",
          "--steps", "1", "--train-batch", "16", "--infer-batch", "16", "--allocators", "current",
-         "--epoch-limit", "256", "--data-dir", str(CIFAR), "--json", str(out)],
+         "--epoch-limit", "256", "--peak-size", "256", "--data-dir", str(CIFAR), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -78,7 +78,8 @@ def test_benchmark_smoke(tmp_path):
     assert measured[0]["mflop_per_img"] == pytest.approx(3 * measured[1]["mflop_per_img"])
     assert epoch["images"] == 256 and 0 < epoch["pipeline_fraction"] < 1
     assert "| cifar_cnn | train | fp32 |" in proc.stdout and "| cifar_cnn | train | bf16 |" in proc.stdout
-    assert "float32 matmul peak" in proc.stdout and "bfloat16 (bf16 x bf16 -> f32) matmul peak" in proc.stdout
+    assert "float32 matmul peak, 256^3" in proc.stdout and "bfloat16 (bf16 x bf16 -> f32) matmul peak, 256^3" in proc.stdout
+    assert {r["peak_size"] for r in rows} == {256}
     # each step is compiled with its model's XLA:CPU options, and the table says which; bf16 drops them
     assert [r["xla_options"] for r in measured] == [{}, {}, {}, {}, {}, {YNN_FUSION_OPTION: ""}, {}, {}]
     table_rows = [line.split("|") for line in proc.stdout.splitlines()

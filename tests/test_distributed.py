@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxvgg import checkpoint
+from tests import faults
 from tests import multiprocess as mp
 from tests.test_experiments import SHARED_DATA, needs_data
 
@@ -69,29 +71,24 @@ def test_two_processes_two_devices_and_one_device_train_to_the_same_parameters(t
             np.testing.assert_allclose(predictions, h_one["predictions"][0], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def _wait_for(path: Path, procs: list, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert all(p.poll() is None for p in procs), "a process ended before the first checkpoint"
-        assert time.monotonic() < deadline, f"no {path} after {timeout_s} s"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_killed_process_ends_the_other_and_the_relaunched_pair_resumes_the_same_run(tmp_path, victim):
-    """kill -9 of one process mid-epoch 2 (victim 0 is the coordinator's host): the other exits non-zero
-    within 2 minutes and its log names the lost process; relaunching both with resume ends with the
-    parameters of an uninterrupted 2-process run, and a 1-process resume of the same checkpoint agrees too."""
-    args = ("--epochs", "3", "--steps", "60")
+    """kill -9 of one process at batch 10 of epoch 2's 20 (it signals that it got there and waits; victim 0 is
+    the coordinator's host): the other exits non-zero within 2 minutes and its log names the lost process;
+    relaunching both with resume ends with the parameters of an uninterrupted 2-process run, and a 1-process
+    resume of the same checkpoint agrees too."""
+    args = ("--epochs", "3", "--steps", "20")
     reference, _ = _fit_run(tmp_path, "reference", "cifar_cnn", 2, 1, *args, "--workdir", str(tmp_path / "ref_run"))
 
     workdir, port = tmp_path / "run", mp.free_port()
     command = lambda i, p: mp.python(FIT, str(tmp_path / "resumed"), "cifar_cnn", *args, "--workdir",  # noqa: E731
                                      str(workdir), "--resume", *mp.launch_flags(p, 2, i))
-    procs = mp.start([command(i, port) for i in range(2)], tmp_path / "killed_logs")
+    stop = faults.StopSignal()
+    commands = [command(i, port) + (stop.child_args(2, 10) if i == victim else []) for i in range(2)]
+    procs = mp.start(commands, tmp_path / "killed_logs", pass_fds={victim: stop.pass_fds})
+    stop.started()
     try:
-        _wait_for(workdir / "checkpoints" / "last" / "1", procs, 300)
-        time.sleep(0.2)  # into epoch 2
+        assert stop.wait(procs[victim], timeout_s=300) == "2:10"
         os.killpg(procs[victim].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         survivor = procs[1 - victim]
@@ -103,7 +100,7 @@ def test_a_killed_process_ends_the_other_and_the_relaunched_pair_resumes_the_sam
     print(f"victim {victim}: the survivor exited with {codes[0]} {waited:.1f} s after the kill")
     assert codes[0] not in (None, 0), f"the survivor still ran / exited 0 after {waited:.0f} s:\n{log[-3000:]}"
     assert waited < 120
-    assert not (workdir / "checkpoints" / "last" / "3").exists(), "killed after the run ended, not mid-run"
+    assert checkpoint.saved_epochs(workdir / "checkpoints") == [1]  # epoch 2 was not over
     named = (f"lost process {victim}" in log or f"Task {victim} heartbeat timeout" in log
              or f"stopped sending heartbeats):\n{victim}" in log or (victim == 0 and "process 0 is lost" in log))
     assert named or victim == 0 and "the leader task" in log, log[-3000:]  # jax: "Either the leader task was ..."
@@ -125,6 +122,7 @@ def test_a_killed_process_ends_the_other_and_the_relaunched_pair_resumes_the_sam
         np.testing.assert_allclose(single[k], reference[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow  # the CI budget (issue 26): the CIFAR CNN's 2-process tests above stay in CI
 @needs_data
 def test_cifar_vgg_as_two_processes_writes_one_history_equal_to_one_process_run(tmp_path):
     """``experiments.cifar_vgg`` launched as 2 processes x 1 device: one workdir, one set of checkpoints, files

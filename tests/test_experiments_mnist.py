@@ -26,16 +26,6 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("module", ["experiments.mnist", "experiments.lr_range"])
-def test_experiment_help_lists_its_options(module):
-    out = _run(module, "--help")
-    assert out.returncode == 0, out.stderr
-    flags = ("--data-dir", "--limit", "--workdir", "--batch-size")
-    flags += ("--epochs", "--lr", "--compare-half-lr") if module == "experiments.mnist" else ("--min-lr", "--max-lr")
-    for flag in flags:
-        assert flag in out.stdout, flag
-
-
 def test_a_missing_mnist_folder_is_a_message_and_exit_code_2(tmp_path):
     out = _run("experiments.mnist", "--data-dir", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run"))
     assert out.returncode == 2 and "MNIST files not found" in out.stderr

@@ -154,7 +154,7 @@ def test_fit_compiles_with_the_state_s_policy(monkeypatch):
         assert seen == [(policy, "train"), (policy, "infer")]
 
 
-@pytest.mark.parametrize("name", ["cifar_cnn", "mnist_lenet", "vgg11"])
+@pytest.mark.parametrize("name", ["cifar_cnn", "mnist_lenet", pytest.param("vgg11", marks=pytest.mark.slow)])
 def test_models_agree_across_forms(name):
     """Whole networks, forward and gradient, with every layer forced to each form."""
     shape = (32, 32, 3) if name != "mnist_lenet" else (28, 28, 1)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 import jaxvgg
 from jaxvgg import augment, data, optim
 from jaxvgg.train import FitConfig, TrainState, evaluate, fit
+from tests import faults
 from tests.test_batchnorm import small_bn_vgg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,19 +105,37 @@ def test_plateau_rule_divides_lr_by_ten_at_most_three_times_and_early_stopping_r
     assert evaluate(state, val, eval_tf)["loss"] == pytest.approx(losses[best], rel=1e-5)
 
 
+def test_on_step_is_called_after_every_step_with_the_metrics_its_history_holds(tmp_path):
+    train, val = data.train_val_split(_dataset(200), 0.2, seed=0)  # 160 images: 5 batches of 32 an epoch
+    train_tf, eval_tf = _transforms()
+    calls = []
+    cfg = FitConfig(epochs=2, batch_size=32, quiet=True)
+    _, history = fit(_state(), train, val, cfg, train_transform=train_tf, eval_transform=eval_tf,
+                     on_step=lambda epoch, batch, metrics: calls.append((epoch, batch, metrics)))
+    assert [(e, b) for e, b, _ in calls] == [(e, b) for e in (1, 2) for b in range(1, 6)]
+    assert [m["loss"] for _, _, m in calls] == history["batch"]["loss"]
+    assert [m["lr"] for _, _, m in calls] == history["batch"]["lr"]
+
+
 _RUN = textwrap.dedent("""
-    import sys
+    import argparse, sys
     sys.path.insert(0, {root!r})
+    from tests import faults
     from tests.test_fit import STATES, _dataset, _transforms
     from jaxvgg import data
     from jaxvgg.train import FitConfig, fit
     import numpy as np
-    train, val = data.train_val_split(_dataset(4800), 0.2, seed=0)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir"), parser.add_argument("kind")
+    faults.add_arguments(parser)
+    args = parser.parse_args()
+    train, val = data.train_val_split(_dataset(800), 0.2, seed=0)  # 40 steps an epoch
     train_tf, eval_tf = _transforms()
-    cfg = FitConfig(epochs=3, batch_size=16, workdir=sys.argv[1], resume=True, quiet=True)
-    state, history = fit(STATES[sys.argv[2]](), train, val, cfg, train_transform=train_tf, eval_transform=eval_tf)
+    cfg = FitConfig(epochs=3, batch_size=16, workdir=args.workdir, resume=True, quiet=True)
+    state, history = fit(STATES[args.kind](), train, val, cfg, train_transform=train_tf, eval_transform=eval_tf,
+                         on_step=faults.hook_from(args))
     leaves = __import__("jax").tree_util.tree_leaves((state.params, state.batch_stats))  # BatchNorm's too
-    np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in leaves])
+    np.savez(args.workdir + "/final.npz", *[np.asarray(x) for x in leaves])
 """)
 
 
@@ -130,24 +148,26 @@ def _history_without_timing(path: Path) -> dict:
 
 @pytest.mark.parametrize("kind", list(STATES))
 def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, kind):
-    """LeNet, and a VGG with BatchNorm, whose running statistics must resume exactly too."""
+    """LeNet, and a VGG with BatchNorm, whose running statistics must resume exactly too: killed at batch 20
+    of epoch 2's 40 (the child signals it reached it and waits), resumed from epoch 1's checkpoint."""
     script = tmp_path / "run.py"
     script.write_text(_RUN.format(root=str(ROOT)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([sys.executable, str(script), str(reference), kind], check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), kind], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "last" / "1").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2 (240 steps; the check below proves it was not over yet)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    stop = faults.StopSignal()
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), kind, *stop.child_args(2, 20)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=stop.pass_fds)
+    stop.started()
+    try:
+        assert stop.wait(proc, timeout_s=300) == "2:20"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not (killed / "final.npz").exists()
-    assert not (killed / "checkpoints" / "last" / "2").exists(), "killed after epoch 2 ended, not mid-epoch"
+    assert (killed / "checkpoints" / "last" / "1").exists()
+    assert not (killed / "checkpoints" / "last" / "2").exists()
 
     subprocess.run([sys.executable, str(script), str(killed), kind], check=True, env=env, capture_output=True)
     with np.load(reference / "final.npz") as a, np.load(killed / "final.npz") as b:

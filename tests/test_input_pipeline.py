@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import jaxvgg
 from jaxvgg import augment, data, optim
 from jaxvgg.input_pipeline import ImageFolderStream
 from jaxvgg.train import FitConfig, TrainState, fit
+from tests import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"batch {i}, {k}")
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, id="2 worker processes")])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow, id="2 worker processes")])
 def test_stream_reads_the_in_memory_readers_batches_and_resumes_from_its_state(tmp_path, workers):
     root = make_folder(tmp_path / "folder")
     memory = data.load_image_folder(root, 32)
@@ -133,16 +133,22 @@ _RUN = textwrap.dedent("""
     cfg = FitConfig(epochs=2, batch_size=4, eval_batch_size=16, workdir=sys.argv[1], resume=True, quiet=True,
                     checkpoint_every_steps=10)
     if __name__ == "__main__":
-        state, history = fit(_state(), stream, stream.take(16), cfg, train_transform=train_tf, eval_transform=eval_tf)
+        from tests import faults
+        parser = __import__("argparse").ArgumentParser()
+        faults.add_arguments(parser)
+        on_step = faults.hook_from(parser.parse_args(sys.argv[4:]))
+        state, history = fit(_state(), stream, stream.take(16), cfg, train_transform=train_tf, eval_transform=eval_tf,
+                             on_step=on_step)
         np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)])
 """)
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow, id="2 worker processes")])
 def test_fit_killed_mid_epoch_resumes_from_the_mid_epoch_save_as_if_never_stopped(tmp_path, workers):
-    """SIGKILL after a mid-epoch save (every 10 steps): the resumed run reads the rest of the epoch from
-    the saved iterator state and ends with the uninterrupted run's parameters and history."""
-    root = make_folder(tmp_path / "folder", per_class=80)  # 240 images: 60 steps an epoch
+    """SIGKILL at batch 15 of epoch 2 (the child signals it reached it and waits), after the mid-epoch save at
+    batch 10 (saves every 10 steps): the resumed run reads the rest of the epoch from the saved iterator state
+    and ends with the uninterrupted run's parameters and history."""
+    root = make_folder(tmp_path / "folder", per_class=40)  # 120 images: 30 steps an epoch
     script = tmp_path / "run.py"
     script.write_text(_RUN.format(root=str(ROOT)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -150,20 +156,21 @@ def test_fit_killed_mid_epoch_resumes_from_the_mid_epoch_save_as_if_never_stoppe
     command = lambda out: [sys.executable, str(script), str(out), str(root), str(workers)]  # noqa: E731
     subprocess.run(command(reference), check=True, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
+    stop = faults.StopSignal()
+    proc = subprocess.Popen(command(killed) + stop.child_args(2, 15), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=stop.pass_fds)
+    stop.started()
+    try:
+        assert stop.wait(proc, timeout_s=300) == "2:15"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "checkpoints" / "last" / "2").exists()
     partial_dir = killed / "checkpoints" / "partial"
-    while not (partial_dir.is_dir() and any(p.name.isdigit() and int(p.name) > 60 for p in partial_dir.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before a save in epoch 2"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "last" / "2").exists(), "killed after the run ended"
-    saved_step = max(int(p.name) for p in partial_dir.iterdir() if p.name.isdigit())
+    assert [p.name for p in partial_dir.iterdir() if p.name.isdigit()] == ["40"]  # epoch 1's 30 steps + 10
 
     out = subprocess.run(command(killed), check=True, env=env, capture_output=True, text=True, timeout=600)
-    assert f"in epoch 2, after batch {saved_step - 60} of 60" in out.stdout + out.stderr
+    assert "in epoch 2, after batch 10 of 30" in out.stdout + out.stderr
     with np.load(reference / "final.npz") as a, np.load(killed / "final.npz") as b:
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
