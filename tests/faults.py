@@ -9,6 +9,8 @@ Parent::
     stop.wait(proc, timeout_s=300)     # returns once the child is parked at epoch 2, batch 25
     os.kill(proc.pid, signal.SIGKILL)
 
+or all of it in one call: ``kill_at(command, 2, 25, env)``.
+
 Child (a `jaxvgg.train.fit` script): ``fit(..., on_step=pause_at(fd, epoch, batch))``, the numbers from the
 ``--stop-at EPOCH:BATCH --stop-fd FD`` arguments (`add_arguments`, `hook_from`).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -46,6 +49,20 @@ def hook_from(args: argparse.Namespace) -> Callable[[int, int, dict], None] | No
         return None
     epoch, batch = (int(x) for x in args.stop_at.split(":"))
     return pause_at(args.stop_fd, epoch, batch)
+
+
+def kill_at(command: list[str], epoch: int, batch: int, env: dict, timeout_s: float = 300) -> None:
+    """Runs ``command`` (a `fit` script taking ``--stop-at/--stop-fd``) in its own session until it signals
+    (epoch, batch), then kills it and all its children with SIGKILL."""
+    stop = StopSignal()
+    proc = subprocess.Popen(command + stop.child_args(epoch, batch), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=stop.pass_fds)
+    stop.started()
+    try:
+        assert stop.wait(proc, timeout_s) == f"{epoch}:{batch}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class StopSignal:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -156,15 +155,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, kind):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([sys.executable, str(script), str(reference), kind], check=True, env=env, capture_output=True)
 
-    stop = faults.StopSignal()
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), kind, *stop.child_args(2, 20)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=stop.pass_fds)
-    stop.started()
-    try:
-        assert stop.wait(proc, timeout_s=300) == "2:20"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    faults.kill_at([sys.executable, str(script), str(killed), kind], 2, 20, env)
     assert not (killed / "final.npz").exists()
     assert (killed / "checkpoints" / "last" / "1").exists()
     assert not (killed / "checkpoints" / "last" / "2").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -156,15 +155,7 @@ def test_fit_killed_mid_epoch_resumes_from_the_mid_epoch_save_as_if_never_stoppe
     command = lambda out: [sys.executable, str(script), str(out), str(root), str(workers)]  # noqa: E731
     subprocess.run(command(reference), check=True, env=env, capture_output=True, timeout=600)
 
-    stop = faults.StopSignal()
-    proc = subprocess.Popen(command(killed) + stop.child_args(2, 15), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=stop.pass_fds)
-    stop.started()
-    try:
-        assert stop.wait(proc, timeout_s=300) == "2:15"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    faults.kill_at(command(killed), 2, 15, env)
     assert not (killed / "checkpoints" / "last" / "2").exists()
     partial_dir = killed / "checkpoints" / "partial"
     assert [p.name for p in partial_dir.iterdir() if p.name.isdigit()] == ["40"]  # epoch 1's 30 steps + 10
