@@ -24,10 +24,11 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable
+
+from jaxvgg.train import StepHook
 
 
-def pause_at(fd: int, epoch: int, batch: int) -> Callable[[int, int, dict], None]:
+def pause_at(fd: int, epoch: int, batch: int) -> StepHook:
     """A `fit` ``on_step`` hook: at (epoch, batch) it writes ``"epoch:batch"`` to ``fd`` and waits forever."""
 
     def on_step(e: int, b: int, metrics: dict) -> None:
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-fd", type=int)
 
 
-def hook_from(args: argparse.Namespace) -> Callable[[int, int, dict], None] | None:
+def hook_from(args: argparse.Namespace) -> StepHook | None:
     """`pause_at` for ``--stop-at``/``--stop-fd``, or None when they were not given."""
     if args.stop_at is None:
         return None
