@@ -52,7 +52,7 @@ import jax
 
 from experiments.common import ConfigError, at_least, default_policy, parse_config
 from jaxvgg import augment, data, models, optim, parallel, runtime
-from jaxvgg.benchmark import (MODEL_NAMES, build_case, forward_max_abs_diff, machine, matmul_peak, measure, table,
+from jaxvgg.benchmark import (BENCHMARK_MODELS, build_case, forward_max_abs_diff, machine, matmul_peak, measure, table,
                               with_precision)
 from jaxvgg.policy import PRECISIONS
 from jaxvgg.checkpoint import write_json
@@ -66,8 +66,8 @@ DEFAULT_STEPS = {("cifar_cnn", "train"): 6, ("cifar_cnn", "infer"): 6, ("vgg11",
 
 @dataclasses.dataclass
 class Config:
-    models: str = dataclasses.field(default=",".join(MODEL_NAMES), metadata={
-        "help": f"comma-separated, from {', '.join(MODEL_NAMES)}"})
+    models: str = dataclasses.field(default=",".join(BENCHMARK_MODELS), metadata={
+        "help": f"comma-separated, from {', '.join(BENCHMARK_MODELS)}"})
     modes: str = dataclasses.field(default="train,infer", metadata={"help": "train, infer or both"})
     precisions: str = dataclasses.field(default=",".join(PRECISIONS), metadata={
         "help": f"comma-separated, from {', '.join(PRECISIONS)} (bf16: jax's bf16 policy, torch autocast)"})
@@ -116,7 +116,7 @@ def time_cifar_epoch(cfg: Config, say: Callable[[str], None]) -> dict | None:
     mesh = parallel.make_mesh(None)
 
     t = time.perf_counter()  # the host side alone: index, gather uint8, put on the device
-    for batch in data.iterate_batches(train, batch_size, seed=0, epoch=1, drop_last=True):
+    for batch in train.batches(batch_size, seed=0, epoch=1, drop_last=True):
         jax.block_until_ready(parallel.shard_batch(batch, mesh))
     pipeline_s = time.perf_counter() - t
 
@@ -155,7 +155,7 @@ def run_here(cfg: Config, say: Callable[[str], None]) -> list[dict]:
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    names = _split(cfg.models, MODEL_NAMES, "models")
+    names = _split(cfg.models, BENCHMARK_MODELS, "models")
     modes = _split(cfg.modes, ("train", "infer"), "modes")
     precisions = _split(cfg.precisions, tuple(PRECISIONS), "precisions")
     allocator = runtime.allocator_in_use()
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     say = (lambda _: None) if cfg.quiet else (lambda msg: print(msg, flush=True))
     # fail before any work
-    _split(cfg.models, MODEL_NAMES, "models"), _split(cfg.modes, ("train", "infer"), "modes")
+    _split(cfg.models, BENCHMARK_MODELS, "models"), _split(cfg.modes, ("train", "infer"), "modes")
     _split(cfg.precisions, tuple(PRECISIONS), "precisions")
     if cfg.epoch_model not in ("none", "cifar_cnn", "vgg11"):
         raise ConfigError("epoch_model", "expected cifar_cnn, vgg11 or none", cfg.epoch_model)

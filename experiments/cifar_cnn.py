@@ -23,12 +23,13 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import (check_batch_size, default_policy, load_splits, parse_config, policy_record,
-                                precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
+from experiments.common import (check_batch_size, default_policy, fit_config, load_splits, parse_config,
+                                policy_record, precision_field, prepare_workdir, run_cli)
+from jaxvgg import augment, data, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
 from jaxvgg.models import parameter_table
-from jaxvgg.train import FitConfig, TrainState, fit
+from jaxvgg.report import Predictions, evaluate_and_report
+from jaxvgg.train import TrainState, fit
 
 MODEL = "cifar_cnn"
 CAT = data.CIFAR10_CLASSES.index("cat")  # 3: the class whose ROC curve the tutorial draws
@@ -96,6 +97,35 @@ def _json_curve(curve: dict) -> dict:
             "thresholds": [None if not math.isfinite(t) else float(t) for t in curve["thresholds"]]}
 
 
+def build_state(cfg: Config, steps_per_epoch: int, policy) -> TrainState:
+    """The step-0 TrainState: the tutorial's CNN with the configured optimizer and per-step schedule."""
+    model = jaxvgg.create_model(MODEL, policy=policy)
+    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    lr = optim.make_schedule(cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    opt_kw = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    tx = optim.create_optimizer(cfg.optimizer, lr, weight_decay=cfg.weight_decay, **opt_kw)
+    return TrainState.for_model(MODEL, model, jaxvgg.init_params(MODEL, key_init), tx, rng=key_train)  # NLL loss
+
+
+def roc_and_loss_figures(predictions: Predictions, history: dict, cfg: Config, workdir) -> tuple[dict, list]:
+    """The tutorial's extra analysis: F1, the loss's moving mean, and the ROC curves of cat and of every class."""
+    labels, probs, scores = predictions.labels, predictions.probs, predictions.scores
+    figures = [plots.plot_moving_mean_loss(history["batch"]["loss"], cfg.loss_window, workdir / "loss_moving_mean.png")]
+    entries = {"cat_auc": None, "f1_micro": scores["f1"]["micro"], "f1_macro": scores["f1"]["macro"],
+               "final_train_accuracy": history["epoch"]["train_accuracy"][-1] if history["epoch"]["epoch"] else None}
+    if 0 < np.sum(labels == CAT) < len(labels):  # a ROC curve needs positives and negatives
+        cat_curve = metrics.roc_for_class(labels, probs, CAT)
+        entries["cat_auc"] = cat_curve["auc"]
+        write_json(workdir / "roc_cat.json", _json_curve(cat_curve), allow_nan=False)
+        figures.append(plots.plot_roc({"cat": cat_curve}, workdir / "roc_cat.png"))
+        present = [c for c in range(len(data.CIFAR10_CLASSES)) if 0 < np.sum(labels == c) < len(labels)]
+        figures.append(plots.plot_roc({data.CIFAR10_CLASSES[c]: metrics.roc_for_class(labels, probs, c)
+                                       for c in present}, workdir / "roc_all_classes.png"))
+    else:
+        print(f"no ROC curve for cat: {int(np.sum(labels == CAT))} of {len(labels)} test images are cats")
+    return entries, figures
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__, launch=True)
     policy = default_policy(MODEL, cfg.precision)
@@ -103,61 +133,22 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
-
-    model = jaxvgg.create_model(MODEL, policy=policy)
-    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    params = jaxvgg.init_params(MODEL, key_init)
-    print(format_parameter_table(params))
-
-    steps_per_epoch = check_batch_size(cfg.batch_size, train)
-    lr = optim.make_schedule(cfg.schedule, cfg.lr, steps_per_epoch=max(steps_per_epoch, 1), epochs=cfg.epochs)
-    opt_kw = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    tx = optim.create_optimizer(cfg.optimizer, lr, weight_decay=cfg.weight_decay, **opt_kw)
-    state = TrainState.for_model(MODEL, model, params, tx, rng=key_train)  # log_softmax outputs: NLL loss
+    state = build_state(cfg, check_batch_size(cfg.batch_size, train), policy)
+    print(format_parameter_table(state.params))
 
     train_tf, eval_tf = transforms(cfg.augment)
-    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
-                        resume=cfg.resume, num_devices=cfg.num_devices, quiet=cfg.quiet)
-    state, history = fit(state, train, val, fit_cfg, train_transform=train_tf, eval_transform=eval_tf)
-    train_time = time.perf_counter() - started
-    # float64, rows logsumexp to 0; every process computes its share
-    log_probs = evaluation.predict_log_probs(state, test, eval_tf, mesh=parallel.all_processes_mesh())
-    if not distributed.is_main_process():
-        return {}  # process 0 writes every file
-
-    probs = evaluation.probs_from_log_probs(log_probs)
-    test_loss = evaluation.nll(log_probs, test.labels)
-    scores = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
-    figures = [
-        plots.plot_moving_mean_loss(history["batch"]["loss"], cfg.loss_window, workdir / "loss_moving_mean.png"),
-        plots.plot_history(history, workdir / "history.png", label="CIFAR-10 CNN"),
-        plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), data.CIFAR10_CLASSES,
-                                    workdir / "confusion_matrix.png"),
-    ]
-    cat_auc = None
-    if 0 < np.sum(test.labels == CAT) < len(test):  # a ROC curve needs positives and negatives
-        cat_curve = metrics.roc_for_class(test.labels, probs, CAT)
-        cat_auc = cat_curve["auc"]
-        write_json(workdir / "roc_cat.json", _json_curve(cat_curve), allow_nan=False)
-        figures.append(plots.plot_roc({"cat": cat_curve}, workdir / "roc_cat.png"))
-        present = [c for c in range(len(data.CIFAR10_CLASSES)) if 0 < np.sum(test.labels == c) < len(test)]
-        figures.append(plots.plot_roc({data.CIFAR10_CLASSES[c]: metrics.roc_for_class(test.labels, probs, c)
-                                       for c in present}, workdir / "roc_all_classes.png"))
-    else:
-        print(f"no ROC curve for cat: {int(np.sum(test.labels == CAT))} of {len(test)} test images are cats")
-
-    summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss, "cat_auc": cat_auc,
-               "f1_micro": scores["f1"]["micro"], "f1_macro": scores["f1"]["macro"],
-               "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "parameters": jaxvgg.count_params(params), **policy_record(policy),
-               "final_train_accuracy": history["epoch"]["train_accuracy"][-1] if history["epoch"]["epoch"] else None,
-               **scores}
-    write_summary(workdir, summary)
-    plots.write_report(workdir, "The CIFAR-10 tutorial CNN", summary, figures,
-                       extra_md="## Parameters\n\n```\n" + format_parameter_table(params) + "\n```")
-    print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {test_loss:.4f}, "
-          f"F1 micro {summary['f1_micro']:.4f} macro {summary['f1_macro']:.4f}, "
-          f"cat AUC {'n/a' if cat_auc is None else f'{cat_auc:.4f}'}; outputs in {workdir}")
+    state, history = fit(state, train, val, fit_config(cfg, workdir), train_transform=train_tf, eval_transform=eval_tf)
+    run = {"train_time_s": time.perf_counter() - started, "parameters": jaxvgg.count_params(state.params),
+           **policy_record(policy)}
+    summary = evaluate_and_report(  # float64, rows logsumexp to 0; every process computes its share
+        state, test, eval_tf, workdir, history, title="The CIFAR-10 tutorial CNN", summary=run,
+        groups=metrics.CIFAR10_GROUPS, extra=partial(roc_and_loss_figures, history=history, cfg=cfg, workdir=workdir),
+        extra_md="## Parameters\n\n```\n" + format_parameter_table(state.params) + "\n```", started=started)
+    if summary:
+        cat_auc = summary["cat_auc"]
+        print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}, "
+              f"F1 micro {summary['f1_micro']:.4f} macro {summary['f1_macro']:.4f}, "
+              f"cat AUC {'n/a' if cat_auc is None else f'{cat_auc:.4f}'}; outputs in {workdir}")
     return summary
 
 

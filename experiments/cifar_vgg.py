@@ -5,10 +5,12 @@
     python -m experiments.cifar_vgg --schedule plateau --lr 0.01 --nesterov false --label-smoothing 0 \\
         --epochs 74 --workdir runs/cifar_vgg_paper                      # the paper's recipe
     python -m experiments.cifar_vgg --limit 512 --epochs 1              # a quick look
+    python -m experiments.cifar_vgg --model vgg11_bn --lr 0.1 --schedule cosine --warmup 0.3 --ema-decay 0.999 \
+        --tta 2 --workdir runs/cifar_vgg11_bn_ema                       # warm-up + cosine, EMA, test-time views
 
 Leaves in --workdir: config.json, history.json, checkpoints/, history.png, confusion_matrix.png,
 test_samples.png, summary.json (test loss/accuracy, per-class accuracy, confusion matrix,
-vehicle-vs-animal breakdown) and report.md showing all of it.
+vehicle-vs-animal breakdown; with --tta the accuracy over test-time views) and report.md showing all of it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ import time
 from functools import partial
 
 import jax
-import numpy as np
 
 import jaxvgg
-from experiments.common import (at_least, check_batch_size, default_policy, load_splits, parse_config, policy_record,
-                                precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
+from experiments.common import (ConfigError, at_least, check_batch_size, default_policy, fit_config, in_range,
+                                load_splits, parse_config, policy_record, precision_field, prepare_workdir, run_cli)
+from jaxvgg import augment, data, evaluation, metrics, optim, plots
+from jaxvgg.models import VGG_ARCHS
 from jaxvgg.policy import Policy
-from jaxvgg.train import FitConfig, TrainState, fit
+from jaxvgg.report import Predictions, evaluate_and_report
+from jaxvgg.train import TrainState, fit
 
 MODEL = "vgg11"  # VGG-A, the tutorial's
-# the CIFAR-native VGGs (the paper's head on what the last pool leaves: 512-d at 32x32), with and without BatchNorm
-MODELS = tuple(f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn"))
 
 
 def model_label(name: str) -> str:
@@ -46,7 +47,8 @@ class Config:
         "help": "folder with cifar-10-binary.tar.gz or cifar-10-batches-bin/ (else $JAXVGG_DATA_DIR, else tfds)"})
     workdir: str = dataclasses.field(default="runs/cifar_vgg", metadata={"help": "where every output goes"})
     model: str = dataclasses.field(default=MODEL, metadata={
-        "help": "vgg11 is VGG-A (the tutorial's); *_bn: Conv -> BatchNorm -> ReLU", "choices": list(MODELS)})
+        "help": "vgg11 is VGG-A (the tutorial's); *_bn: Conv -> BatchNorm -> ReLU (the CIFAR-native VGGs: the "
+                "paper's head on the 512-d the last pool leaves at 32x32)", "choices": list(VGG_ARCHS)})
     image_size: int = dataclasses.field(default=32, metadata={
         "help": "32: CIFAR-native (512-d flatten); 224: the tutorial's resize 256 + crop 224", "choices": [32, 224]})
     epochs: int = dataclasses.field(default=30, metadata={"help": "training epochs"})
@@ -63,6 +65,16 @@ class Config:
         "help": "width of the two hidden Linear layers (paper: 4096; CIFAR ports often use 512)",
         "check": at_least(1)})
     label_smoothing: float = dataclasses.field(default=0.1, metadata={"help": "0 for the paper's plain cross-entropy"})
+    warmup: float = dataclasses.field(default=0.0, metadata={
+        "help": "cosine: share of all steps with a linear warm-up from 0 to --lr, then cosine decay to 0",
+        "check": in_range(0, 1, high_open=True)})
+    ema_decay: float = dataclasses.field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the weights and BatchNorm statistics with this decay "
+                "(e.g. 0.999; 0: none); validation and test evaluate the average",
+        "check": in_range(0, 1, high_open=True)})
+    tta: int = dataclasses.field(default=0, metadata={
+        "help": "also score the test set with test-time augmentation: 1 averages each image and its mirror, 2 "
+                "also both moved 2 pixels up-left and down-right (summary: tta_accuracy)", "choices": [0, 1, 2]})
     plateau_patience: int = dataclasses.field(default=2, metadata={"help": "epochs without gain before lr/10 (plateau)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "random seeded share of train for validation"})
     limit: int | None = dataclasses.field(default=None, metadata={
@@ -72,6 +84,11 @@ class Config:
     num_devices: int | None = dataclasses.field(default=None, metadata={"help": "devices for data parallel (all)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bars"})
+
+
+    def check(self) -> None:
+        if self.warmup and self.schedule != "cosine":
+            raise ConfigError("warmup", f"applies to --schedule cosine, not {self.schedule}", self.warmup)
 
 
 def paper_recipe() -> Config:
@@ -103,10 +120,25 @@ def build_state(cfg: Config, steps_per_epoch: int, policy: Policy) -> TrainState
     key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     variables = jaxvgg.init_params(cfg.model, key_init, 10, (cfg.image_size, cfg.image_size, 3),
                                    dropout_rate=cfg.dropout, hidden=cfg.hidden)  # and batch_stats for BN models
+    warmup = {"warmup_fraction": cfg.warmup} if cfg.warmup else {}
     lr = cfg.lr if cfg.schedule == "plateau" else optim.make_schedule(
-        cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+        cfg.schedule, cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, **warmup)
     tx = optim.sgd(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    return TrainState.for_model(cfg.model, model, variables, tx, rng=key_train, label_smoothing=cfg.label_smoothing)
+    return TrainState.for_model(cfg.model, model, variables, tx, rng=key_train, label_smoothing=cfg.label_smoothing,
+                                ema_decay=cfg.ema_decay)
+
+
+def samples_and_tta(predictions: Predictions, state: TrainState, test: data.Dataset, eval_tf, tta: int,
+                    workdir) -> tuple[dict, list]:
+    """The report's extras: the first nine test images with their true and predicted classes, and with
+    ``tta`` the test set scored again over its test-time views (`evaluation.tta_log_probs`)."""
+    entries = {}
+    if tta:
+        log_probs = evaluation.tta_log_probs(state, test, eval_tf, tta)
+        entries = {"tta_level": tta, "tta_accuracy": metrics.accuracy(test.labels, log_probs.argmax(axis=1)),
+                   "tta_loss": evaluation.nll(log_probs, test.labels)}
+    return entries, [plots.plot_image_grid(test.images[:9], test.labels[:9], predictions.predicted[:9],
+                                           data.CIFAR10_CLASSES, workdir / "test_samples.png")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,40 +149,27 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     train, val, test = load_splits("cifar10", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
-
     state = build_state(cfg, check_batch_size(cfg.batch_size, train), policy)
-    params = state.params
-    print(f"{label}: {jaxvgg.count_params(params):,} parameters; {policy.describe()}")
+    parameters = jaxvgg.count_params(state.params)
+    print(f"{label}: {parameters:,} parameters; {policy.describe()}")
 
     train_tf, eval_tf = transforms(cfg.image_size)
-    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
-                        resume=cfg.resume, plateau_patience=cfg.plateau_patience if cfg.schedule == "plateau" else None,
-                        num_devices=cfg.num_devices, quiet=cfg.quiet)
-    state, history = fit(state, train, val, fit_cfg, train_transform=train_tf, eval_transform=eval_tf)
-    train_time = time.perf_counter() - started
-    # test set: every number and figure the tutorial looks at (every process computes its share)
-    log_probs = evaluation.predict_log_probs(state, test, eval_tf, mesh=parallel.all_processes_mesh())
-    if not distributed.is_main_process():
-        return {}  # process 0 writes every file
-    probs = evaluation.probs_from_log_probs(log_probs)
-    test_loss = evaluation.nll(log_probs, test.labels)
-    summary = metrics.summarize_classification(test.labels, probs, data.CIFAR10_CLASSES, metrics.CIFAR10_GROUPS)
-    summary = {"model": cfg.model, "test_accuracy": summary["accuracy"], "test_loss": test_loss, "epochs": len(history["epoch"]["epoch"]),
-               "wall_time_s": train_time, "parameters": jaxvgg.count_params(params), **policy_record(policy), **summary}
-    preds = probs.argmax(axis=1)
-    figures = [
-        plots.plot_history(history, workdir / "history.png", label=f"{label} on CIFAR-10"),
-        plots.plot_confusion_matrix(np.asarray(summary["confusion_matrix"]), data.CIFAR10_CLASSES,
-                                    workdir / "confusion_matrix.png"),
-        plots.plot_image_grid(test.images[:9], test.labels[:9], preds[:9], data.CIFAR10_CLASSES,
-                              workdir / "test_samples.png"),
-    ]
-    write_summary(workdir, summary)
-    plots.write_report(workdir, f"{label} on CIFAR-10", summary, figures)
-    print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {test_loss:.4f}; "
-          f"vehicle errors within vehicles {summary['superclass']['within_group_error_fraction']['vehicle']}, "
-          f"animal errors within animals {summary['superclass']['within_group_error_fraction']['animal']}; "
-          f"outputs in {workdir}")
+    plateau = cfg.plateau_patience if cfg.schedule == "plateau" else None
+    state, history = fit(state, train, val, fit_config(cfg, workdir, plateau_patience=plateau),
+                         train_transform=train_tf, eval_transform=eval_tf)
+    run = {"model": cfg.model, "train_time_s": time.perf_counter() - started, "parameters": parameters,
+           **policy_record(policy)}
+    # the test set: every number and figure the tutorial looks at (every process computes its share)
+    summary = evaluate_and_report(state, test, eval_tf, workdir, history, title=f"{label} on CIFAR-10", summary=run,
+                                  groups=metrics.CIFAR10_GROUPS, started=started,
+                                  extra=partial(samples_and_tta, state=state, test=test, eval_tf=eval_tf, tta=cfg.tta,
+                                                workdir=workdir))
+    if summary:
+        within = summary["superclass"]["within_group_error_fraction"]
+        tta = f" ({summary['tta_accuracy']:.4f} with level-{cfg.tta} TTA)" if cfg.tta else ""
+        print(f"test accuracy {summary['test_accuracy']:.4f}{tta}, test loss {summary['test_loss']:.4f}; "
+              f"vehicle errors within vehicles {within['vehicle']}, animal errors within animals "
+              f"{within['animal']}; outputs in {workdir}")
     return summary
 
 

@@ -24,6 +24,7 @@ import jax
 from jaxvgg import data, distributed, runtime
 from jaxvgg.checkpoint import has_checkpoints, write_json
 from jaxvgg.policy import PRECISIONS, Policy, make_policy, precision_name, resolve_precision
+from jaxvgg.train import FitConfig
 
 C = TypeVar("C")
 IMPL_ENV = "JAXVGG_IMPL"  # default conv/pool forms: auto, native, cpu or fast
@@ -301,7 +302,7 @@ def policy_record(policy: Policy) -> dict:
     return {"policy": dataclasses.asdict(policy), "precision": precision_name(policy.dtype)}
 
 
-def check_batch_size(batch_size: int, train: Any) -> int:
+def check_batch_size(batch_size: int, train: data.BatchSource) -> int:
     """Training steps per epoch (drop_last); a batch larger than the training split is a `ConfigError`."""
     steps = data.num_batches(len(train), batch_size, drop_last=True)
     if steps == 0:
@@ -310,9 +311,13 @@ def check_batch_size(batch_size: int, train: Any) -> int:
     return steps
 
 
-def write_summary(workdir: Path, summary: dict) -> Path:
-    """summary.json, written atomically."""
-    return write_json(workdir / "summary.json", summary, allow_nan=False)
+def fit_config(config: Any, workdir: Path, **overrides: Any) -> FitConfig:
+    """The `FitConfig` of an experiment's config: each field both name alike (epochs, batch_size, seed,
+    resume, num_devices, quiet, eval_batch_size, ...), the workdir, then ``overrides`` for what the
+    experiment names otherwise or decides itself (early stopping's patience, the plateau rule)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(FitConfig) if f.name in names}
+    return FitConfig(**{**shared, "workdir": str(workdir), **overrides})
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
@@ -338,7 +343,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> int:
     return 0
 
 
-def split_train_val(train_all: Any, val_fraction: float, seed: int, limit: int | None) -> tuple[Any, Any]:
+def split_train_val(train_all: data.Dataset, val_fraction: float, seed: int,
+                    limit: int | None) -> tuple[data.Dataset, data.Dataset]:
     """`data.train_val_split`; too few images for a split is a `ConfigError` on --limit, which chose them."""
     try:
         return data.train_val_split(train_all, val_fraction, seed=seed)
@@ -347,7 +353,7 @@ def split_train_val(train_all: Any, val_fraction: float, seed: int, limit: int |
 
 
 def load_splits(name: str, data_dir: str | None, limit: int | None, val_fraction: float,
-                seed: int) -> tuple[Any, Any, Any]:
+                seed: int) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
     """(train, val, test) of "mnist" or "cifar10": at most ``limit`` train and test images, seeded random val split."""
     splits = data.load_dataset(name, data_dir)
     train_all, test = splits["train"], splits["test"]

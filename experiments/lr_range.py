@@ -22,12 +22,13 @@ import jax
 
 import jaxvgg
 from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
-                                precision_field, prepare_workdir, run_cli, split_train_val, write_summary)
+                                precision_field, prepare_workdir, run_cli, split_train_val)
 from jaxvgg import augment, data, lr_finder, optim
 from jaxvgg.checkpoint import write_json
+from jaxvgg.report import write_summary
 from jaxvgg.train import TrainState
 
-MODELS = ("mnist_linear", "mnist_lenet", "cifar_cnn", "vgg11")
+RANGE_TEST_MODELS = ("mnist_linear", "mnist_lenet", "cifar_cnn", "vgg11")
 DATASETS = ("mnist", "cifar10")
 _DEFAULT_DATASET = {"mnist_linear": "mnist", "mnist_lenet": "mnist", "cifar_cnn": "cifar10", "vgg11": "cifar10"}
 _NORMALIZATION = {"mnist": (augment.MNIST_MEAN, augment.MNIST_STD),
@@ -39,7 +40,7 @@ _VGG_MIN_SIDE = 32  # five 2x2 max-pools: smaller images pool down to nothing
 class Config:
     """The range test's settings; the optimizer's other hyper-parameters match the training run's."""
 
-    model: str = dataclasses.field(default="mnist_lenet", metadata={"help": "network", "choices": list(MODELS)})
+    model: str = dataclasses.field(default="mnist_lenet", metadata={"help": "network", "choices": list(RANGE_TEST_MODELS)})
     dataset: str | None = dataclasses.field(default=None, metadata={
         "help": "data set (default: mnist for the mnist_* models, cifar10 otherwise)", "choices": [*DATASETS, None]})
     data_dir: str | None = dataclasses.field(default=None, metadata={
@@ -80,6 +81,16 @@ def make_transform(dataset: str, augment_images: bool):
     return lambda key, images: augment.normalize(images, mean, std)
 
 
+def build_state(cfg: Config, train: data.Dataset, policy) -> TrainState:
+    """The step-0 state the range test copies: the model at the data's shape, the optimizer at --min-lr."""
+    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    model = jaxvgg.create_model(cfg.model, num_classes=train.num_classes, policy=policy)
+    params = jaxvgg.init_params(cfg.model, key_init, train.num_classes, train.images.shape[1:])
+    momentum = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    tx = optim.create_optimizer(cfg.optimizer, cfg.min_lr, weight_decay=cfg.weight_decay, **momentum)
+    return TrainState.for_model(cfg.model, model, params, tx, rng=key_train)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__)
     dataset = cfg.dataset or _DEFAULT_DATASET[cfg.model]
@@ -92,20 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
         train_all = train_all.take(cfg.limit)
     train, _ = split_train_val(train_all, cfg.val_fraction, cfg.seed, cfg.limit)
     check_batch_size(cfg.batch_size, train)
-    input_shape = train.images.shape[1:]
-    print(f"{dataset}: {len(train)} training images {input_shape}; {cfg.model}; "
+    print(f"{dataset}: {len(train)} training images {train.images.shape[1:]}; {cfg.model}; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
 
-    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = jaxvgg.create_model(cfg.model, num_classes=train.num_classes, policy=policy)
-    params = jaxvgg.init_params(cfg.model, key_init, train.num_classes, input_shape)
-    momentum = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
-    tx = optim.create_optimizer(cfg.optimizer, cfg.min_lr, weight_decay=cfg.weight_decay, **momentum)
-    state = TrainState.for_model(cfg.model, model, params, tx, rng=key_train)
-
     result = lr_finder.lr_range_test(
-        state, train, transform=make_transform(dataset, cfg.augment), batch_size=cfg.batch_size,
-        min_lr=cfg.min_lr, max_lr=cfg.max_lr, num_steps=cfg.num_steps, seed=cfg.seed,
+        build_state(cfg, train, policy), train, transform=make_transform(dataset, cfg.augment),
+        batch_size=cfg.batch_size, min_lr=cfg.min_lr, max_lr=cfg.max_lr, num_steps=cfg.num_steps, seed=cfg.seed,
         diverge_factor=cfg.diverge_factor, smoothing=cfg.smoothing, quiet=cfg.quiet)
     lr_finder.plot_lr_range_result(result, workdir / "lr_range.png")
     write_json(workdir / "lr_range.json", result.to_json())

@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,14 @@ import jax
 import numpy as np
 
 import jaxvgg
-from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
-                                policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, data, distributed, evaluation, lr_finder, metrics, optim, parallel, plots
+from experiments.common import (ConfigError, check_batch_size, default_policy, fit_config, load_splits, parse_config,
+                                policy_record, precision_field, prepare_workdir, run_cli)
+from jaxvgg import augment, data, distributed, evaluation, lr_finder, metrics, optim, plots
 from jaxvgg.checkpoint import write_json
-from jaxvgg.train import FitConfig, TrainState, fit
+from jaxvgg.report import Predictions, evaluate_and_report
+from jaxvgg.train import TrainState, fit
 
-MODEL_NAMES = {"lenet": "mnist_lenet", "linear": "mnist_linear"}
+REGISTRY_NAME = {"lenet": "mnist_lenet", "linear": "mnist_linear"}  # --model -> the registry's name
 REJECT_THRESHOLDS = (0.5, 0.9, 0.99)  # reported in summary.json; the plot sweeps 0..1
 
 
@@ -53,7 +55,7 @@ class Config:
         "help": "folder with the four MNIST IDX files (else $JAXVGG_DATA_DIR, else tfds)"})
     workdir: str = dataclasses.field(default="runs/mnist", metadata={"help": "where every output goes"})
     model: str = dataclasses.field(default="lenet", metadata={
-        "help": "lenet (mnist_lenet) or linear (mnist_linear)", "choices": list(MODEL_NAMES)})
+        "help": "lenet (mnist_lenet) or linear (mnist_linear)", "choices": list(REGISTRY_NAME)})
     epochs: int = dataclasses.field(default=30, metadata={"help": "training epochs"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "global batch size"})
     lr: float | None = dataclasses.field(default=None, metadata={
@@ -125,7 +127,7 @@ def new_state(cfg: Config, model: Any, params: Any, lr: float, steps_per_epoch: 
         lr = optim.make_schedule(cfg.schedule, lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
     tx = optim.create_optimizer(cfg.optimizer, lr, weight_decay=cfg.weight_decay, **kw)
     key_train = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-    return TrainState.for_model(MODEL_NAMES[cfg.model], model, params, tx, rng=key_train)
+    return TrainState.for_model(REGISTRY_NAME[cfg.model], model, params, tx, rng=key_train)
 
 
 def choose_lr(cfg: Config, model: Any, params: Any, train: data.Dataset, workdir: Path) -> tuple[float, dict | None]:
@@ -154,93 +156,103 @@ def train_run(cfg: Config, model: Any, params: Any, lr: float, train: data.Datas
               workdir: Path) -> tuple[TrainState, dict, Path]:
     """One training run at ``lr`` in ``workdir``; also writes the history under its argument-built name."""
     state = new_state(cfg, model, params, lr, data.num_batches(len(train), cfg.batch_size, drop_last=True))
-    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
-                        resume=cfg.resume, quiet=cfg.quiet)
-    state, history = fit(state, train, val, fit_cfg, train_transform=train_transform(cfg), eval_transform=normalize)
+    state, history = fit(state, train, val, fit_config(cfg, workdir), train_transform=train_transform(cfg),
+                         eval_transform=normalize)
     named = workdir / history_name(cfg, lr)
     if distributed.is_main_process():
         shutil.copyfile(workdir / "history.json", named)
     return state, history, named
 
 
+def most_confused_pair(cm: np.ndarray) -> dict | None:
+    """The pair of digits most often mistaken for each other, both ways counted (None: no errors)."""
+    # cm + cm.T counts both directions of a pair; its first off-diagonal maximum has a < b
+    for a, b, both_ways in metrics.most_confused_pairs(cm + cm.T, 1):
+        return {"digits": [a, b], "count_both_ways": both_ways, "count_a_as_b": int(cm[a, b]),
+                "count_b_as_a": int(cm[b, a])}
+    return None
+
+
+def reject_option(predictions: Predictions, workdir: Path) -> tuple[list[dict], Path]:
+    """The reject option at `REJECT_THRESHOLDS` (for summary.json) and its curves over 0..1 (a figure)."""
+    labels, probs = predictions.labels, predictions.probs
+    at = metrics.reject_option_curves(labels, probs, thresholds=REJECT_THRESHOLDS)
+    rows = [{"threshold": float(t), "n_rejected": int(r), "n_errors_accepted": int(e),
+             "error_rate_accepted": None if np.isnan(x) else float(x)}
+            for t, r, e, x in zip(at["thresholds"], at["n_rejected"], at["n_errors_accepted"],
+                                  at["error_rate_accepted"])]
+    figure = plots.plot_reject_curves(metrics.reject_option_curves(labels, probs), workdir / "reject_option.png",
+                                      exact=metrics.reject_curve_by_count(labels, probs))
+    return rows, figure
+
+
+def half_lr_comparison(half: tuple, history: dict, test: data.Dataset, workdir: Path) -> tuple[dict, Path]:
+    """The run at lr / 2 (``half``: its lr, state, history and history file) scored on the test set, and
+    both runs' histories in one figure."""
+    half_lr, half_state, half_history, half_file = half
+    log_probs = evaluation.predict_log_probs(half_state, test, normalize)
+    entry = {"lr": half_lr, "test_accuracy": float(np.mean(log_probs.argmax(1) == test.labels)),
+             "test_loss": evaluation.nll(log_probs, test.labels), "history_file": f"half_lr/{half_file.name}"}
+    figure = plots.plot_history_comparison({f"lr {2 * half_lr:.3g}": history, f"lr {half_lr:.3g}": half_history},
+                                           workdir / "lr_comparison.png")
+    return entry, figure
+
+
+def lab_analysis(predictions: Predictions, cfg: Config, model: Any, state: TrainState, history: dict,
+                 test: data.Dataset, workdir: Path, half: tuple | None) -> tuple[dict, list[Path]]:
+    """The lab's questions of the test set: the most confused digits, a t-SNE of the last layer's input,
+    the reject option, and with ``half`` the run at lr / 2 (`half_lr_comparison`)."""
+    tsne_count = min(cfg.tsne_points, len(test))
+    features = evaluation.penultimate_features(REGISTRY_NAME[cfg.model], model, state.variables,
+                                               test.images[:tsne_count], transform=normalize)
+    reject_rows, reject_figure = reject_option(predictions, workdir)
+    figures = [workdir / "lr_range.png"] if (workdir / "lr_range.png").exists() and cfg.lr is None else []
+    figures += [plots.plot_tsne(metrics.tsne_embedding(features, seed=cfg.seed), test.labels[:tsne_count],
+                                data.MNIST_CLASSES, workdir / "tsne.png"), reject_figure]
+    entries = {"most_confused_pair": most_confused_pair(np.asarray(predictions.scores["confusion_matrix"])),
+               "tsne_points": tsne_count, "reject_option": reject_rows}
+    if half is not None:
+        entries["half_lr"], comparison = half_lr_comparison(half, history, test, workdir)
+        figures.append(comparison)
+    return entries, figures
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__, launch=True)
-    policy = default_policy(MODEL_NAMES[cfg.model], cfg.precision)
+    name = REGISTRY_NAME[cfg.model]
+    policy = default_policy(name, cfg.precision)
     workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
     started = time.perf_counter()
 
     train, val, test = load_splits("mnist", cfg.data_dir, cfg.limit, cfg.val_fraction, cfg.seed)
     check_batch_size(cfg.batch_size, train)
-
-    model = jaxvgg.create_model(MODEL_NAMES[cfg.model], policy=policy)
-    params = jaxvgg.init_params(MODEL_NAMES[cfg.model], jax.random.PRNGKey(cfg.seed))
+    model = jaxvgg.create_model(name, policy=policy)
+    params = jaxvgg.init_params(name, jax.random.PRNGKey(cfg.seed))
     lr, suggestions = choose_lr(cfg, model, params, train, workdir)
-    print(f"training {MODEL_NAMES[cfg.model]} with {cfg.optimizer}, lr {lr:.4g}, batch {cfg.batch_size}, "
-          f"{cfg.epochs} epochs")
+    print(f"training {name} with {cfg.optimizer}, lr {lr:.4g}, batch {cfg.batch_size}, {cfg.epochs} epochs")
     state, history, history_file = train_run(cfg, model, params, lr, train, val, workdir)
     train_time = time.perf_counter() - started  # data, range test and training
-    if cfg.compare_half_lr:  # every process trains both runs before process 0 turns to the test set
-        half_state, half_history, half_file = train_run(cfg, model, params, lr / 2, train, val, workdir / "half_lr")
-    # the test set: loss, accuracy, confusion, t-SNE of the last layer's input, reject option
-    log_probs = evaluation.predict_log_probs(state, test, normalize, mesh=parallel.all_processes_mesh())
-    if not distributed.is_main_process():
-        return {}  # process 0 writes every file
-    probs = evaluation.probs_from_log_probs(log_probs)
-    test_loss = evaluation.nll(log_probs, test.labels)
-    classification = metrics.summarize_classification(test.labels, probs, data.MNIST_CLASSES)
-    cm = np.asarray(classification["confusion_matrix"])
-    # cm + cm.T counts both directions of a pair; its first off-diagonal maximum has a < b (None: no errors)
-    most_confused = None
-    for a, b, both_ways in metrics.most_confused_pairs(cm + cm.T, 1):
-        most_confused = {"digits": [a, b], "count_both_ways": both_ways, "count_a_as_b": int(cm[a, b]),
-                         "count_b_as_a": int(cm[b, a])}
-
-    tsne_count = min(cfg.tsne_points, len(test))
-    features = evaluation.penultimate_features(MODEL_NAMES[cfg.model], model, state.variables,
-                                               test.images[:tsne_count], transform=normalize)
-    embedding = metrics.tsne_embedding(features, seed=cfg.seed)
-
-    reject = metrics.reject_option_curves(test.labels, probs)
-    reject_exact = metrics.reject_curve_by_count(test.labels, probs)
-    at = metrics.reject_option_curves(test.labels, probs, thresholds=REJECT_THRESHOLDS)
-    reject_summary = [{"threshold": float(t), "n_rejected": int(r), "n_errors_accepted": int(e),
-                       "error_rate_accepted": None if np.isnan(x) else float(x)}
-                      for t, r, e, x in zip(at["thresholds"], at["n_rejected"], at["n_errors_accepted"],
-                                            at["error_rate_accepted"])]
-
-    label = f"{MODEL_NAMES[cfg.model]}, {cfg.optimizer}, lr {lr:.3g}"
-    figures = [workdir / "lr_range.png"] if (workdir / "lr_range.png").exists() and cfg.lr is None else []
-    figures += [
-        plots.plot_history(history, workdir / "history.png", label=label),
-        plots.plot_confusion_matrix(cm, data.MNIST_CLASSES, workdir / "confusion_matrix.png"),
-        plots.plot_tsne(embedding, test.labels[:tsne_count], data.MNIST_CLASSES, workdir / "tsne.png"),
-        plots.plot_reject_curves(reject, workdir / "reject_option.png", exact=reject_exact),
-    ]
-
-    summary = {
-        "test_accuracy": classification["accuracy"], "test_loss": test_loss, "lr": lr,
-        "lr_source": "--lr" if cfg.lr is not None else "range test (min smoothed loss / 2)",
-        "model": MODEL_NAMES[cfg.model], "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
-        "epochs": len(history["epoch"]["epoch"]), "train_time_s": train_time,
-        "parameters": jaxvgg.count_params(state.params), "history_file": history_file.name,
-        "final_val_accuracy": history["epoch"]["val_accuracy"][-1] if history["epoch"]["val_accuracy"] else None,
-        "most_confused_pair": most_confused, "lr_range_suggestions": suggestions,
-        "tsne_points": tsne_count, "reject_option": reject_summary, **policy_record(policy), **classification,
-    }
+    # every process trains both runs before process 0 turns to the test set
+    half = None
     if cfg.compare_half_lr:
-        half_log_probs = evaluation.predict_log_probs(half_state, test, normalize)
-        summary["half_lr"] = {"lr": lr / 2, "test_accuracy": float(np.mean(half_log_probs.argmax(1) == test.labels)),
-                              "test_loss": evaluation.nll(half_log_probs, test.labels),
-                              "history_file": f"half_lr/{half_file.name}"}
-        figures.append(plots.plot_history_comparison({f"lr {lr:.3g}": history, f"lr {lr / 2:.3g}": half_history},
-                                                     workdir / "lr_comparison.png"))
-    summary["wall_time_s"] = time.perf_counter() - started  # everything: range test, runs, analysis
-    write_summary(workdir, summary)
-    plots.write_report(workdir, f"MNIST lab: {label}", summary, figures)
-    pair = ("none" if most_confused is None else "{0} <-> {1}".format(*most_confused["digits"])
-            + f" ({most_confused['count_both_ways']} test images)")
-    print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {test_loss:.4f}; most confused digits {pair}; "
-          f"outputs in {workdir}")
+        half = (lr / 2, *train_run(cfg, model, params, lr / 2, train, val, workdir / "half_lr"))
+    run = {"lr": lr, "lr_source": "--lr" if cfg.lr is not None else "range test (min smoothed loss / 2)",
+           "model": name, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "train_time_s": train_time,
+           "parameters": jaxvgg.count_params(state.params), "history_file": history_file.name,
+           "final_val_accuracy": history["epoch"]["val_accuracy"][-1] if history["epoch"]["val_accuracy"] else None,
+           "lr_range_suggestions": suggestions, **policy_record(policy)}
+    label = f"{name}, {cfg.optimizer}, lr {lr:.3g}"
+    summary = evaluate_and_report(
+        state, test, normalize, workdir, history, title=f"MNIST lab: {label}", history_label=label, summary=run,
+        extra=partial(lab_analysis, cfg=cfg, model=model, state=state, history=history, test=test, workdir=workdir,
+                      half=half),
+        started=started)
+    if summary:
+        pair = summary["most_confused_pair"]
+        pair = "none" if pair is None else "{} <-> {} ({} test images)".format(*pair["digits"],
+                                                                              pair["count_both_ways"])
+        print(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}; "
+              f"most confused digits {pair}; outputs in {workdir}")
     return summary
 
 

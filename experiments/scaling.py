@@ -7,7 +7,7 @@ input: images/s of `jaxvgg.input_pipeline.ImageFolderStream` reading a folder of
 else one written here: ``--images`` random 500x375 JPEGs in 10 classes, ImageNet's typical size) resized
 to 256 (vgg16_transfer's load size) with 0, 1 and 2 grain workers, against the vgg16_transfer training
 step at 224x224 it would feed (the whole model, frozen features, batch ``--batch-size``); and the
-CIFAR-10-shaped whole-array gather (`jaxvgg.data.iterate_batches`) against grain over the same arrays.
+CIFAR-10-shaped whole-array gather (`jaxvgg.data.Dataset.batches`) against grain over the same arrays.
 
 processes: `jaxvgg.train.fit` of each model on synthetic data for 2 epochs of ``--steps`` steps, as 1
 process with all cores and as 2 processes pinned to one core each (loopback, gloo), the same global
@@ -68,14 +68,19 @@ def _rate(iterator, count_key: str = "label") -> float:
 
 
 def measure_input(cfg: Config) -> dict:
-    import jax
-
-    import jaxvgg
-    from jaxvgg import augment, data, optim, parallel
-    from jaxvgg.input_pipeline import ImageFolderStream
-    from jaxvgg.train import TrainState, augmented_train_step
-
+    """The input side: the grain stream of JPEGs, one vgg16_transfer step, CIFAR-10-shaped arrays against grain."""
     results: dict = {"batch_size": cfg.batch_size}
+    results.update(_measure_stream(cfg))
+    results.update(_measure_transfer_step(cfg.batch_size))
+    results.update(_measure_arrays_against_grain())
+    return results
+
+
+def _measure_stream(cfg: Config) -> dict:
+    """images/s of the grain stream of JPEGs resized to 256 (0, 1, 2 workers), and of the center-cropped one."""
+    from jaxvgg.input_pipeline import ImageFolderStream
+
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(cfg.image_folder) if cfg.image_folder else _write_jpegs(Path(tmp) / "images", cfg.images)
         for workers in (0, 1, 2):
@@ -92,6 +97,16 @@ def measure_input(cfg: Config) -> dict:
         results["stream_eval_crop_images_per_s"] = _rate(iter(stream.padded_batches(cfg.batch_size)))
         print(f"grain stream, {len(stream)} JPEGs -> 256x256 -> center 224x224, padded batches, 0 workers: "
               f"{results['stream_eval_crop_images_per_s']:.0f} images/s")
+    return results
+
+
+def _measure_transfer_step(batch_size: int) -> dict:
+    """images/s of vgg16_transfer's training step at 224x224 (frozen features), on random 256x256 images."""
+    import jax
+
+    import jaxvgg
+    from jaxvgg import augment, optim, parallel
+    from jaxvgg.train import TrainState, augmented_train_step
 
     model = jaxvgg.create_model("vgg16_transfer", 10)
     params = jaxvgg.init_params("vgg16_transfer", jax.random.PRNGKey(0), 10)
@@ -100,25 +115,29 @@ def measure_input(cfg: Config) -> dict:
     train_tf, _ = augment.transfer_transforms(15.0, 0.2)  # vgg16_transfer's defaults
     step = parallel.compile_step(partial(augmented_train_step, transform=train_tf), state.policy, "train",
                                  donate_state=True)
-    batch = {"image": np.random.default_rng(0).integers(0, 256, (cfg.batch_size, 256, 256, 3), dtype=np.uint8),
-             "label": np.zeros(cfg.batch_size, np.int32)}
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (batch_size, 256, 256, 3), dtype=np.uint8),
+             "label": np.zeros(batch_size, np.int32)}
     state, metrics = step(state, batch)
     float(metrics["loss"])
     start, steps = time.perf_counter(), 3
     for _ in range(steps):
         state, metrics = step(state, batch)
     float(metrics["loss"])
-    results["vgg16_transfer_step_images_per_s"] = steps * cfg.batch_size / (time.perf_counter() - start)
-    print(f"vgg16_transfer training step at 224x224 (frozen features, {state.policy.describe()}): "
-          f"{results['vgg16_transfer_step_images_per_s']:.1f} images/s")
+    rate = steps * batch_size / (time.perf_counter() - start)
+    print(f"vgg16_transfer training step at 224x224 (frozen features, {state.policy.describe()}): {rate:.1f} images/s")
+    return {"vgg16_transfer_step_images_per_s": rate}
 
-    # CIFAR-10-shaped arrays: the whole-array gather against grain over the same arrays
+
+def _measure_arrays_against_grain() -> dict:
+    """images/s of CIFAR-10-shaped batches of 128: the whole-array gather against grain over the same arrays."""
     import grain
+
+    from jaxvgg import data
 
     rng = np.random.default_rng(0)
     cifar = data.Dataset(rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
                          rng.integers(0, 10, 50000).astype(np.int32), data.CIFAR10_CLASSES)
-    results["cifar_arrays_images_per_s"] = _rate(data.iterate_batches(cifar, 128, seed=0, epoch=1, drop_last=True))
+    results = {"cifar_arrays_images_per_s": _rate(cifar.batches(128, seed=0, epoch=1, drop_last=True))}
     order = np.concatenate(data.batch_indices(len(cifar), 128, seed=0, epoch=1, drop_last=True))
     records = [{"image": cifar.images[i], "label": cifar.labels[i]} for i in order[:12800]]
     pipeline = grain.MapDataset.source(records).batch(128).to_iter_dataset(grain.ReadOptions(num_threads=8))

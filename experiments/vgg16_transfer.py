@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,12 +36,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxvgg
-from experiments.common import (ConfigError, check_batch_size, default_policy, parse_config, policy_record,
-                                precision_field, prepare_workdir, run_cli, write_summary)
+from experiments.common import (ConfigError, check_batch_size, default_policy, fit_config, parse_config,
+                                policy_record, precision_field, prepare_workdir, run_cli)
 from jaxvgg import augment, data, distributed, evaluation, metrics, optim, parallel, plots
 from jaxvgg.input_pipeline import ImageFolderStream
 from jaxvgg.models import TRANSFER_PREFIX, VGG_ARCHS, transfer_arch
-from jaxvgg.train import FitConfig, TrainState, fit
+from jaxvgg.report import Predictions, evaluate_and_report
+from jaxvgg.train import TrainState, fit
 
 MODEL = "vgg16_transfer"
 HEAD_MODEL = "transfer_head"  # the new head alone, trained on cached features
@@ -102,7 +104,7 @@ class Config:
 
 # --- data -------------------------------------------------------------------------------------------
 
-def load_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
+def load_image_splits(cfg: Config, workdir: Path) -> dict[str, Any]:
     """train/valid/test, after splitting --split-from into the data root when asked.
 
     Without --cache-features, train/ and valid/ stream from disk (`jaxvgg.input_pipeline.ImageFolderStream`:
@@ -203,26 +205,11 @@ def tta_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return evaluation.nll(np.log(np.maximum(probs, np.finfo(np.float64).tiny)), labels)
 
 
-# --- main -------------------------------------------------------------------------------------------
+# --- the model and its training -------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Config, argv, __doc__, launch=True)
-    policy, head_policy = default_policy(MODEL, cfg.precision), default_policy(HEAD_MODEL, cfg.precision)
-    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
-    started = time.perf_counter()
-
-    state_dict = pretrained_state_dict(cfg.weights, cfg.quiet, cfg.arch)  # first: a missing file fails before work
-    splits = load_splits(cfg, workdir)
-    train, val, test = splits["train"], splits["valid"], splits["test"]
-    check_batch_size(cfg.batch_size, train)
-    class_names, num_classes = train.class_names, train.num_classes
-    print(f"{num_classes} classes: {len(train)} train, {len(val)} validation, {len(test)} test images; "
-          f"{jax.device_count()} {jax.default_backend()} device(s)")
-
-    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    arch = transfer_arch(cfg.arch)
-    model = jaxvgg.create_model(MODEL, num_classes, policy=policy, **arch)
-    fresh = jaxvgg.init_params(MODEL, key_init, num_classes, **arch)["params"]
+def transfer_variables(cfg: Config, state_dict: dict, num_classes: int, key: jax.Array) -> tuple[dict, dict]:
+    """(params, {"batch_stats": ...} or {}): the pretrained --arch layers with a fresh head for ``num_classes``."""
+    fresh = jaxvgg.init_params(MODEL, key, num_classes, **transfer_arch(cfg.arch))["params"]
     try:
         pretrained = jaxvgg.from_torch(f"{cfg.arch}_torchvision", state_dict)
     except ValueError as err:  # one line: the first problem and how many more
@@ -232,82 +219,103 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"{problems[0].strip() if problems else err}{more}", cfg.weights) from None
     params = jaxvgg.transplant(pretrained["params"], fresh, keep=(TRANSFER_PREFIX,))  # every layer but the new head
     stats = {"batch_stats": pretrained["batch_stats"]} if "batch_stats" in pretrained else {}  # frozen: eval mode
-    del state_dict, pretrained, fresh
+    return params, stats
+
+
+def train_head_on_features(cfg: Config, model: nn.Module, variables: dict, splits: dict, workdir: Path,
+                           key: jax.Array) -> tuple[TrainState, dict, data.Features]:
+    """--cache-features: the head alone, trained on the frozen layers' features, computed once.
+
+    Returns the trained head's state, its history and the test set's features."""
+    t0 = time.perf_counter()
+    eval_tf = transforms(cfg.rotation, cfg.jitter)[1]
+    train_x, val_x, test_x = evaluation.extract_features(model, variables, [splits[n] for n in data.SPLIT_NAMES],
+                                                         FEATURE_LAYER, transform=eval_tf,
+                                                         batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
+    print(f"cached {FEATURE_LAYER} features of {sum(map(len, splits.values()))} images "
+          f"in {time.perf_counter() - t0:.0f} s")
+    head = jaxvgg.create_model(HEAD_MODEL, train_x.num_classes, policy=default_policy(HEAD_MODEL, cfg.precision))
+    head_params = {k: v for k, v in variables["params"].items() if k.startswith(TRANSFER_PREFIX)}  # the fresh init
+    state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr), rng=key)
+    state, history = fit(state, train_x, val_x, fit_config(cfg, workdir, early_stopping_patience=cfg.patience,
+                                                           keep_checkpoints=1, eval_batch_size=500),
+                         train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
+    return state, history, test_x
+
+
+def train_whole_model(cfg: Config, model: nn.Module, variables: dict, splits: dict, workdir: Path,
+                      key: jax.Array) -> tuple[TrainState, dict]:
+    """The whole network on augmented images, its frozen layers masked out of Adam's updates."""
+    tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, variables["params"]))
+    state = TrainState.for_model(MODEL, model, variables, tx, rng=key)  # NLL loss
+    return fit(state, splits["train"], splits["valid"], fit_config(cfg, workdir, early_stopping_patience=cfg.patience,
+                                                                   keep_checkpoints=1),
+               train_transform=transforms(cfg.rotation, cfg.jitter)[0], eval_transform=cropped_eval)  # valid: cropped
+
+
+def topk_tta_and_figures(predictions: Predictions, cfg: Config, model: nn.Module, variables: dict, splits: dict,
+                         workdir: Path) -> tuple[dict, list[Path]]:
+    """Top-k (k = min(5, classes)), with --tta the same over augmented views, and the per-class and top-k figures."""
+    test, labels, probs, names = splits["test"], predictions.labels, predictions.probs, predictions.class_names
+    k = min(5, len(names))
+    entries = {"top_k_accuracy": metrics.topk_accuracy(labels, probs, k), "top_k": k}
+    if cfg.tta:
+        tta_probs = tta_probabilities(model, variables, test, transforms(cfg.rotation, cfg.jitter)[0], cfg.tta,
+                                      cfg.seed, cfg.eval_batch_size, cfg.quiet)
+        entries.update(tta_views=cfg.tta, tta_accuracy=metrics.accuracy(labels, tta_probs.argmax(axis=1)),
+                       tta_top_k_accuracy=metrics.topk_accuracy(labels, tta_probs, k),
+                       tta_loss=tta_nll(tta_probs, labels))
+    per_class = metrics.per_class_accuracy(labels, predictions.predicted, len(names))
+    train_counts = np.bincount(splits["train"].labels, minlength=len(names))
+    shown = np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:8])
+    ranking = metrics.topk_ranking(probs[shown], k)
+    return entries, [
+        plots.plot_per_class_vs_count(per_class, train_counts, names, workdir / "per_class_vs_count.png"),
+        plots.plot_topk_predictions(test.images[shown], ranking, np.take_along_axis(probs[shown], ranking, axis=1),
+                                    labels[shown], names, workdir / "topk_predictions.png")]
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(Config, argv, __doc__, launch=True)
+    policy = default_policy(MODEL, cfg.precision)
+    workdir = prepare_workdir(cfg.workdir, cfg, cfg.resume, policy_record(policy))
+    started = time.perf_counter()
+    state_dict = pretrained_state_dict(cfg.weights, cfg.quiet, cfg.arch)  # first: a missing file fails before work
+    splits = load_image_splits(cfg, workdir)
+    train, num_classes = splits["train"], splits["train"].num_classes
+    check_batch_size(cfg.batch_size, train)
+    print(f"{num_classes} classes: {len(train)} train, {len(splits['valid'])} validation, {len(splits['test'])} "
+          f"test images; {jax.device_count()} {jax.default_backend()} device(s)")
+    key_init, key_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    model = jaxvgg.create_model(MODEL, num_classes, policy=policy, **transfer_arch(cfg.arch))
+    params, stats = transfer_variables(cfg, state_dict, num_classes, key_init)
+    del state_dict  # half a GB of float32 for VGG16
     total, trainable = jaxvgg.count_params(params), count_trainable(params)
     print(f"{cfg.arch.upper()} transfer, {num_classes} classes: {total:,} parameters, {trainable:,} trainable "
           f"({total - trainable:,} frozen)")
-
-    train_tf, eval_tf = transforms(cfg.rotation, cfg.jitter)
-    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
-                        resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
-                        quiet=cfg.quiet)
-    if cfg.cache_features:
-        t0 = time.perf_counter()
-        train_x, val_x, test_x = evaluation.extract_features(model, {"params": params, **stats}, [train, val, test],
-                                                             FEATURE_LAYER, transform=eval_tf,
-                                                             batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
-        print(f"cached {FEATURE_LAYER} features of {len(train) + len(val) + len(test)} images "
-              f"in {time.perf_counter() - t0:.0f} s")
-        head = jaxvgg.create_model(HEAD_MODEL, num_classes, policy=head_policy)
-        head_params = {k: v for k, v in params.items() if k.startswith(TRANSFER_PREFIX)}  # the model's fresh init
-        state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr), rng=key_train)
-        state, history = fit(state, train_x, val_x, dataclasses.replace(fit_cfg, eval_batch_size=500),
-                             train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
-        log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged, mesh=parallel.all_processes_mesh())
-        if not distributed.is_main_process():
-            return {}  # process 0 writes every file
-        params = {**params, **state.params}  # the trained head back into the full model
+    if cfg.cache_features:  # the test set is scored on its features, then the trained head goes back in the model
+        state, history, test_x = train_head_on_features(cfg, model, {"params": params, **stats}, splits, workdir,
+                                                        key_train)
+        params, scored = {**params, **state.params}, (test_x, augment.unchanged, 500)
     else:
-        tx = optim.create_optimizer("adam", cfg.lr, trainable=jaxvgg.trainable_mask(MODEL, params))
-        state = TrainState.for_model(MODEL, model, {"params": params, **stats}, tx, rng=key_train)  # NLL loss
-        state, history = fit(state, train, val, dataclasses.replace(fit_cfg, eval_batch_size=cfg.eval_batch_size),
-                             train_transform=train_tf, eval_transform=cropped_eval)  # val: cropped when read
-        log_probs = evaluation.predict_log_probs(state, test, eval_tf, batch_size=cfg.eval_batch_size,
-                                                 mesh=parallel.all_processes_mesh())
-        if not distributed.is_main_process():
-            return {}
-        params = state.params
-    train_time = time.perf_counter() - started
-
-    probs = evaluation.probs_from_log_probs(log_probs)
-    k = min(5, num_classes)
-    test_loss = evaluation.nll(log_probs, test.labels)
-    scores = metrics.summarize_classification(test.labels, probs, class_names)
-    summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
-               "top5_accuracy": metrics.topk_accuracy(test.labels, probs, k), "top_k": k,
-               "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "arch": cfg.arch, "parameters": total, "trainable_parameters": trainable, "cached_features": cfg.cache_features,
-               **policy_record(policy)}
-    if cfg.tta:
-        tta_probs = tta_probabilities(model, {"params": params, **stats}, test, train_tf, cfg.tta, cfg.seed,
-                                      cfg.eval_batch_size, cfg.quiet)
-        summary.update(tta_views=cfg.tta, tta_accuracy=metrics.accuracy(test.labels, tta_probs.argmax(axis=1)),
-                       tta_top5_accuracy=metrics.topk_accuracy(test.labels, tta_probs, k),
-                       tta_loss=tta_nll(tta_probs, test.labels))
-    summary.update(scores)
-
-    preds = probs.argmax(axis=1)
-    per_class = metrics.per_class_accuracy(test.labels, preds, num_classes)
-    train_counts = np.bincount(train.labels, minlength=num_classes)
-    shown = np.sort(np.random.default_rng(cfg.seed).permutation(len(test))[:8])
-    ranking = metrics.topk_ranking(probs[shown], k)
-    figures = [
-        plots.plot_history(history, workdir / "history.png",
-                           label=f"{cfg.arch.upper()} transfer, {num_classes} classes"),
-        plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), class_names,
-                                    workdir / "confusion_matrix.png"),
-        plots.plot_per_class_vs_count(per_class, train_counts, class_names, workdir / "per_class_vs_count.png"),
-        plots.plot_topk_predictions(test.images[shown], ranking, np.take_along_axis(probs[shown], ranking, axis=1),
-                                    test.labels[shown], class_names, workdir / "topk_predictions.png"),
-    ]
-    write_summary(workdir, summary)
+        state, history = train_whole_model(cfg, model, {"params": params, **stats}, splits, workdir, key_train)
+        params, scored = state.params, (splits["test"], transforms(cfg.rotation, cfg.jitter)[1], cfg.eval_batch_size)
+    run = {"train_time_s": time.perf_counter() - started, "arch": cfg.arch, "parameters": total,
+           "trainable_parameters": trainable, "cached_features": cfg.cache_features, **policy_record(policy)}
     notes = ("Features were cached: the head trained on evaluation-view features, without training augmentation."
              if cfg.cache_features else "")
-    plots.write_report(workdir, f"{cfg.arch.upper()} transfer learning ({num_classes} classes)", summary, figures, extra_md=notes)
-    print(f"test accuracy {summary['test_accuracy']:.4f}, top-{k} {summary['top5_accuracy']:.4f}, "
-          f"test loss {test_loss:.4f}"
-          + (f"; with {cfg.tta}-view TTA {summary['tta_accuracy']:.4f}" if cfg.tta else "")
-          + f"; outputs in {workdir}")
+    extra = partial(topk_tta_and_figures, cfg=cfg, model=model, variables={"params": params, **stats}, splits=splits,
+                    workdir=workdir)
+    summary = evaluate_and_report(state, *scored[:2], workdir, history, batch_size=scored[2], summary=run,
+                                  title=f"{cfg.arch.upper()} transfer learning ({num_classes} classes)",
+                                  history_label=f"{cfg.arch.upper()} transfer, {num_classes} classes", extra=extra,
+                                  extra_md=notes, started=started)
+    if summary:
+        tta = f"; with {cfg.tta}-view TTA {summary['tta_accuracy']:.4f}" if cfg.tta else ""
+        print(f"test accuracy {summary['test_accuracy']:.4f}, top-{summary['top_k']} {summary['top_k_accuracy']:.4f}, "
+              f"test loss {summary['test_loss']:.4f}{tta}; outputs in {workdir}")
     return summary
 
 

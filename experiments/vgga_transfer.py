@@ -33,15 +33,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxvgg
-from experiments.common import (ConfigError, check_batch_size, default_policy, load_splits, parse_config,
-                                policy_record, precision_field, prepare_workdir, run_cli, write_summary)
-from jaxvgg import augment, distributed, evaluation, metrics, optim, parallel, plots
+from experiments.common import (ConfigError, check_batch_size, default_policy, fit_config, load_splits, parse_config,
+                                policy_record, precision_field, prepare_workdir, run_cli)
+from jaxvgg import augment, data, evaluation, optim
 from jaxvgg.checkpoint import Checkpoints
 from jaxvgg.models import TRANSFER_PREFIX
-from jaxvgg.train import FitConfig, TrainState, fit
+from jaxvgg.report import evaluate_and_report
+from jaxvgg.train import TrainState, fit
 
 # VGG-A's layers a head can sit on (flax names: features_15 = torch's features.15)
 BACKBONE_MODEL = "vgg11"  # VGG-A, as experiments.cifar_vgg trains it
@@ -128,6 +128,17 @@ def mnist_as_cifar(images: jax.Array) -> jax.Array:
     return augment.normalize(jnp.repeat(x, 3, axis=-1), augment.CIFAR10_MEAN, augment.CIFAR10_STD)
 
 
+def cached_features(cfg: Config, model: Any, variables: Any,
+                    splits: list[data.Dataset]) -> list[data.Features]:
+    """The frozen backbone's ``--layer`` outputs of every image of ``splits``, computed once (evaluation mode)."""
+    t0 = time.perf_counter()
+    features = evaluation.extract_features(model, variables, splits, cfg.layer, transform=mnist_as_cifar,
+                                           batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
+    print(f"cached {cfg.layer} features ({features[0].features.shape[1]}-d) of {sum(map(len, splits))} images "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return features
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(Config, argv, __doc__, launch=True)
     head_policy = default_policy(HEAD_MODEL, cfg.precision)
@@ -138,14 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_batch_size(cfg.batch_size, train)
     print(f"backbone: {info['backbone_model']} epoch {info['backbone_epoch']} ({info['backbone_checkpoint']}) "
           f"of {cfg.backbone}, CIFAR-10 val accuracy {info['backbone_val_accuracy']:.4f}")
-
-    t0 = time.perf_counter()
-    train_x, val_x, test_x = evaluation.extract_features(model, variables, [train, val, test], cfg.layer,
-                                                         transform=mnist_as_cifar, batch_size=cfg.eval_batch_size,
-                                                         quiet=cfg.quiet)
-    width = int(train_x.images.shape[1])
-    print(f"cached {cfg.layer} features ({width}-d) of {len(train) + len(val) + len(test)} images "
-          f"in {time.perf_counter() - t0:.0f} s")
+    train_x, val_x, test_x = cached_features(cfg, model, variables, [train, val, test])
+    width = int(train_x.features.shape[1])
 
     head = jaxvgg.create_model(HEAD_MODEL, train.num_classes, policy=head_policy)
     head_params = jaxvgg.init_params(HEAD_MODEL, jax.random.PRNGKey(cfg.seed), train.num_classes, (width,))
@@ -153,36 +158,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"new head: {trainable:,} trainable parameters on {jaxvgg.count_params(variables['params']):,} frozen ones")
     state = TrainState.for_model(HEAD_MODEL, head, head_params, optim.adam(cfg.lr),
                                  rng=jax.random.PRNGKey(cfg.seed + 1))
-    fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workdir=str(workdir),
-                        resume=cfg.resume, early_stopping_patience=cfg.patience, keep_checkpoints=1,
-                        eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
-    state, history = fit(state, train_x, val_x, fit_cfg, train_transform=augment.unchanged_train,
-                         eval_transform=augment.unchanged)
-    train_time = time.perf_counter() - started
-    log_probs = evaluation.predict_log_probs(state, test_x, augment.unchanged, mesh=parallel.all_processes_mesh())
-    if not distributed.is_main_process():
-        return {}  # process 0 writes every file
-
-    probs = evaluation.probs_from_log_probs(log_probs)
-    test_loss = evaluation.nll(log_probs, test.labels)
-    scores = metrics.summarize_classification(test.labels, probs, test.class_names)
-    summary = {"test_accuracy": scores["accuracy"], "test_loss": test_loss,
-               "top5_accuracy": metrics.topk_accuracy(test.labels, probs, 5),
-               "epochs": len(history["epoch"]["epoch"]), "wall_time_s": train_time,
-               "trainable_parameters": trainable, "layer": cfg.layer, "feature_width": width,
-               **info, **policy_record(head_policy), **scores}
-    figures = [
-        plots.plot_history(history, workdir / "history.png",
-                           label=f"VGG-A (CIFAR-10) {cfg.layer} features, new head on MNIST"),
-        plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), test.class_names,
-                                    workdir / "confusion_matrix.png"),
-    ]
-    write_summary(workdir, summary)
-    plots.write_report(workdir, "Transfer: VGG-A (CIFAR-10) features -> MNIST", summary, figures,
-                       extra_md=f"Head parameters: {TRANSFER_PREFIX}_0, {TRANSFER_PREFIX}_3, on {cfg.layer} "
-                                f"({width}-d); features cached in evaluation mode.")
-    print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
-          f"test loss {test_loss:.4f}; outputs in {workdir}")
+    state, history = fit(state, train_x, val_x, fit_config(cfg, workdir, early_stopping_patience=cfg.patience,
+                                                           keep_checkpoints=1),
+                         train_transform=augment.unchanged_train, eval_transform=augment.unchanged)
+    run = {"train_time_s": time.perf_counter() - started, "trainable_parameters": trainable, "layer": cfg.layer,
+           "feature_width": width, **info, **policy_record(head_policy)}
+    summary = evaluate_and_report(
+        state, test_x, augment.unchanged, workdir, history, title="Transfer: VGG-A (CIFAR-10) features -> MNIST",
+        history_label=f"VGG-A (CIFAR-10) {cfg.layer} features, new head on MNIST", summary=run,
+        extra_md=f"Head parameters: {TRANSFER_PREFIX}_0, {TRANSFER_PREFIX}_3, on {cfg.layer} ({width}-d); "
+                 "features cached in evaluation mode.", started=started)
+    if summary:
+        print(f"test accuracy {summary['test_accuracy']:.4f}, top-5 {summary['top5_accuracy']:.4f}, "
+              f"test loss {summary['test_loss']:.4f}; outputs in {workdir}")
     return summary
 
 

@@ -699,6 +699,40 @@ def eval_transform(images: jax.Array, mean: Sequence[float], std: Sequence[float
     return normalize(images, mean, std)
 
 
+def flip(images: jax.Array) -> jax.Array:
+    """Every image mirrored left-right: (B, H, W, C)."""
+    return images[:, :, ::-1]
+
+
+def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Every image's content moved ``dy`` rows down and ``dx`` columns right, zeros coming in (as
+    ``random_crop`` pads): (B, H, W, C), the input's dtype."""
+    pad = max(abs(dy), abs(dx))
+    offsets = jnp.broadcast_to(jnp.asarray([pad - dy, pad - dx], jnp.int32), (images.shape[0], 2))
+    return pad_and_crop(images, offsets, pad)
+
+
+TTA_LEVELS = (0, 1, 2)  # 0: the image; 1: and its mirror; 2: both, also moved 2 pixels up-left and down-right
+
+
+def tta_views(level: int, shift: int = 2) -> list[tuple[float, Callable[[jax.Array], jax.Array]]]:
+    """The test-time views of ``level`` as (weight, uint8 images -> uint8 images); the weights sum to 1.
+
+    Level 1 averages the image and its mirror (1/2 each); level 2 (airbench's "mirror + translate")
+    gives those two 1/4 each and 1/8 to each of the four views moved by ``shift`` pixels up-left and
+    down-right, mirrored or not.
+    """
+    if level not in TTA_LEVELS:
+        raise ValueError(f"tta level must be one of {TTA_LEVELS}, got {level}")
+    if level == 0:
+        return [(1.0, lambda x: x)]
+    if level == 1:
+        return [(0.5, lambda x: x), (0.5, flip)]
+    moved = [lambda x: translate(x, -shift, -shift), lambda x: translate(x, shift, shift)]
+    return ([(0.25, lambda x: x), (0.25, flip)]
+            + [(0.125, view) for view in moved] + [(0.125, lambda x, v=view: flip(v(x))) for view in moved])
+
+
 def transfer_transforms(rotation: float, jitter: float, crop: int = 224,
                         resize: int = 256) -> tuple[Callable, Callable]:
     """(train, eval) transforms of the VGG16 transfer tutorial, uint8 in, ImageNet-normalised float32

@@ -31,7 +31,7 @@ from jaxvgg import convert, gemm, models, optim, parallel
 from jaxvgg.policy import NATIVE, PRECISIONS, YNN_FUSION_OPTION, Policy
 from jaxvgg.train import TrainState, train_step
 
-MODEL_NAMES = ("cifar_cnn", "vgg11", "mnist_lenet", "transfer_head")
+BENCHMARK_MODELS = ("cifar_cnn", "vgg11", "mnist_lenet", "transfer_head")
 TRANSFER_CLASSES = 100  # the transfer head's registry default
 FEATURES = 4096
 PEAK_LABELS = {"fp32": "float32", "bf16": "bfloat16 (bf16 x bf16 -> f32)"}  # the table's names of the peaks
@@ -164,8 +164,8 @@ def build_case(name: str, key: jax.Array, policy: Policy | None = None) -> Case:
 
     if name == "transfer_head":
         return _transfer_head_case(key, policy)
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown benchmark model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if name not in BENCHMARK_MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; expected one of {', '.join(BENCHMARK_MODELS)}")
     spec = models.get_spec(name)
     shape = (32, 32, 3) if name == "vgg11" else spec.input_shape
     num_classes = 10

@@ -63,6 +63,31 @@ def _manager(directory: Path, keep: int, best_metric: str | None) -> ocp.Checkpo
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> dict:
+    """``{"state", "meta"}`` of ``step``, the state shaped like ``abstract`` (None: as saved).
+
+    A checkpoint written before the state gained a field that is None in ``abstract`` (`TrainState.ema`,
+    say) lacks that field's key: it restores too, that field staying None. A field it lacks that
+    ``abstract`` needs is the mismatch error it always was.
+    """
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+    except ValueError as error:
+        if abstract is None or "structures do not match" not in str(error):
+            raise
+        mismatch = error
+    reader = ocp.CheckpointManager(manager.directory, item_names=("state", "meta"))  # its own handlers
+    try:
+        restored = reader.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True), meta=ocp.args.JsonRestore()))
+    finally:
+        reader.close()
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(restored["state"])):
+        raise mismatch  # the checkpoint lacks arrays the state needs
+    return restored
+
+
 class Checkpoints:
     """The last ``keep`` epochs in ``directory/last`` and the best one in ``directory/best``.
 
@@ -106,9 +131,7 @@ class Checkpoints:
         step = self._partial.latest_step()
         if step is None:
             return None
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self._partial.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                       meta=ocp.args.JsonRestore()))
+        restored = _restore_state(self._partial, step, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target))
         return restored["state"], restored["meta"]
 
     def partial_meta(self) -> dict | None:
@@ -133,8 +156,7 @@ class Checkpoints:
         epoch = (manager.best_step() if best else manager.latest_step()) if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                  meta=ocp.args.JsonRestore()))
+        restored = _restore_state(manager, epoch, abstract)
         return restored["state"], restored["meta"], epoch, manager.directory
 
     def restore(self, target: Any, epoch: int | None = None, best: bool = False) -> tuple[Any, dict]:

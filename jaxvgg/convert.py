@@ -126,7 +126,7 @@ def from_torch(name: str, state_dict: Mapping[str, Any], *, input_shape: tuple[i
         flat[path] = np.array(value, dtype, copy=True)
     if problems:
         hint = ""
-        if f"{name}_torchvision" in models.MODELS and any("classifier.0.weight" in p for p in problems):
+        if f"{name}_torchvision" in models.REGISTRY and any("classifier.0.weight" in p for p in problems):
             hint = (f" ({name}'s first Linear size follows the image size: pass input_shape=(32, 32, 3) for CIFAR, "
                     f"or use {name}_torchvision for torchvision's 7x7-pooled head)")
         elif any(".running_mean" in p for p in problems):

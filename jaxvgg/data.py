@@ -6,8 +6,11 @@ imports JAX: augmentation runs on the device, in ``jaxvgg.augment``.
 
     splits = load_dataset("cifar10", data_dir="/work/shared/data")   # or JAXVGG_DATA_DIR, or tfds
     train, val = train_val_split(splits["train"], val_fraction=0.1, seed=0)
-    for batch in iterate_batches(train, 128, seed=0, epoch=3):
+    for batch in train.batches(128, seed=0, epoch=3):
         ...  # batch["image"]: uint8 (B, 32, 32, 3), batch["label"]: int32 (B,)
+
+What `jaxvgg.train.fit`, `evaluate` and `predict` read is a `BatchSource`: `Dataset` and `Features` here,
+`jaxvgg.input_pipeline.ImageFolderStream` for image folders streamed from disk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -58,9 +62,139 @@ CIFAR10_RECORD_BYTES = 1 + 3 * 32 * 32  # label byte, then the R, G, B planes, e
 IDX_MAGIC = {2049: "labels (idx1)", 2051: "images (idx3)"}
 IDX_UINT8 = 0x08
 
+# ---------------------------------------------------------------------------------------------
+# What the training loop reads
+
+
+@runtime_checkable
+class EpochBatches(Protocol):
+    """One epoch's training batches: an iterator with a JSON state, so a mid-epoch save resumes it."""
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def __len__(self) -> int: ...  # batches left
+
+    def get_state(self) -> dict:
+        """JSON: the epoch's layout (`epoch_layout`) and how far it has been read."""
+        ...
+
+    def set_state(self, state: dict) -> None:
+        """Continues from a `get_state` of an iterator of the same layout."""
+        ...
+
+    def close(self) -> None:
+        """Frees what the iterator holds (worker processes) before the epoch is read to the end."""
+        ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A labelled example set that batches itself: what `jaxvgg.train.fit`, `evaluate` and `predict` read.
+
+    Implemented by `Dataset`, `Features` and `jaxvgg.input_pipeline.ImageFolderStream`. A batch is
+    ``{"image": (b, ...) inputs, "label": int32 (b,)}``, plus ``"mask"`` float32 (b,) in padded batches.
+    """
+
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                drop_last: bool = False, start_batch: int = 0, rows: slice | None = None) -> EpochBatches:
+        """One epoch's batches in the order `batch_indices` gives (``rows``: this process's rows of each)."""
+        ...
+
+    def padded_batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """In-order batches, the last one padded (`padded_batches`)."""
+        ...
+
+
+def epoch_layout(batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
+                 rows: slice | None) -> dict:
+    """What an epoch's batches depend on, as JSON: the part of an `EpochBatches` state that must match."""
+    return {"seed": seed, "epoch": epoch, "batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+            "rows": None if rows is None else [rows.start, rows.stop]}
+
+
+def check_epoch_state(state: dict, layout: dict) -> None:
+    """Raises unless a saved `EpochBatches` state is of an epoch with ``layout``."""
+    mismatch = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+    if mismatch:
+        raise ValueError(f"iterator state is of another epoch or layout: {mismatch} (saved, this)")
+
+
+class ArrayBatches:
+    """An `EpochBatches` gathered from whole arrays (`Dataset.batches`, `Features.batches`)."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, indices: list[np.ndarray], start_batch: int,
+                 layout: dict):
+        if not 0 <= start_batch <= len(indices):
+            raise ValueError(f"start_batch must be in [0, {len(indices)}] for this epoch, got {start_batch}")
+        self._inputs, self._labels, self._indices = inputs, labels, indices
+        self._next, self._layout = start_batch, layout
+
+    def __iter__(self) -> "ArrayBatches":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._indices) - self._next
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._next >= len(self._indices):
+            raise StopIteration
+        indices = self._indices[self._next]
+        self._next += 1
+        return {"image": self._inputs[indices], "label": self._labels[indices]}
+
+    def get_state(self) -> dict:
+        return {**self._layout, "batch": self._next}
+
+    def set_state(self, state: dict) -> None:
+        check_epoch_state(state, self._layout)
+        self._next = int(state["batch"])
+
+    def close(self) -> None:
+        """Nothing to free: the arrays are the data set's."""
+
+
+class _ArraySource:
+    """The `BatchSource` methods of a set held as whole arrays (``_inputs``: what a batch's "image" holds)."""
+
+    labels: np.ndarray
+    _inputs: np.ndarray
+
+    def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                drop_last: bool = False, start_batch: int = 0, rows: slice | None = None) -> ArrayBatches:
+        """One epoch's batches gathered from the arrays, in the order of `batch_indices`.
+
+        Args:
+            batch_size: B > 0 (the global batch).
+            seed, epoch: the order (see `batch_indices`).
+            shuffle: permute the examples.
+            drop_last: drop the final partial batch.
+            start_batch: skip the first k batches (resuming mid-epoch), 0 <= k <= the epoch's batches.
+            rows: gather only these rows of every batch (one process's share of the global batch,
+                `jaxvgg.parallel.batch_rows`); the order does not depend on it.
+
+        Returns:
+            An `ArrayBatches` of ``{"image": (B, ...), "label": int32 (B,)}``; a bad ``start_batch``
+            raises here, at the call.
+        """
+        indices = batch_indices(len(self.labels), batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                                drop_last=drop_last)
+        indices = indices if rows is None else [i[rows] for i in indices]
+        return ArrayBatches(self._inputs, self.labels, indices, start_batch,
+                            epoch_layout(batch_size, seed, epoch, shuffle, drop_last, rows))
+
+    def padded_batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """In-order batches, each padded to ``batch_size`` (`padded_batches` of the arrays)."""
+        return padded_batches(self._inputs, batch_size, labels=self.labels, rows=rows)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
-class Dataset:
+class Dataset(_ArraySource):
     """A whole labelled image set in memory.
 
     Attributes:
@@ -95,6 +229,10 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def _inputs(self) -> np.ndarray:
+        return self.images
 
     @property
     def num_classes(self) -> int:
@@ -592,21 +730,25 @@ def train_val_split(dataset: Dataset, val_fraction: float = 0.1, seed: int = 0) 
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Features:
-    """Feature vectors with labels, shaped like a `Dataset` so `fit`, `evaluate` and `predict` take them.
+class Features(_ArraySource):
+    """Feature vectors with labels: a `BatchSource`, so `fit`, `evaluate` and `predict` train a head on them.
 
     Attributes:
-        images: float32 (N, D) features (named ``images`` because the training loop reads that field).
+        features: float32 (N, D), what a batch's ``"image"`` holds (the head's input).
         labels: int32 (N,).
         class_names: one name per label index.
     """
 
-    images: np.ndarray
+    features: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def _inputs(self) -> np.ndarray:
+        return self.features
 
     @property
     def num_classes(self) -> int:
@@ -639,28 +781,28 @@ def pad_batch(batch: dict, multiple: int) -> dict:
     return {key: pad_one(key, x) for key, x in batch.items()}
 
 
-def padded_batches(examples: "Dataset | Features | np.ndarray", batch_size: int,
+def padded_batches(inputs: np.ndarray, batch_size: int, *, labels: np.ndarray | None = None,
                    rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """In-order batches of a `Dataset`, `Features` or bare image array, each padded to ``batch_size``.
+    """In-order batches of whole arrays, each padded to ``batch_size`` (`pad_batch`).
 
-    Every batch has ``"image"``, ``"label"`` (zeros for a bare array) and ``"mask"`` (0 on the copies
-    that pad the last one), so one compiled program serves all of them; ``int(mask.sum())`` is the
-    number of real examples. ``rows``: only these rows of every padded batch (one process's share,
-    `jaxvgg.parallel.batch_rows`), so over all processes each example counts exactly once.
+    Every batch has ``"image"`` (rows of ``inputs``: images or feature vectors), ``"label"`` (zeros
+    without ``labels``) and ``"mask"`` (0 on the copies that pad the last one), so one compiled
+    program serves all of them; ``int(mask.sum())`` is the number of real examples. ``rows``: only
+    these rows of every padded batch (one process's share, `jaxvgg.parallel.batch_rows`), so over
+    all processes each example counts exactly once. A `BatchSource` gives its own:
+    ``dataset.padded_batches(batch_size)``.
     """
-    if hasattr(examples, "padded_batches"):  # a stream (jaxvgg.input_pipeline) reads its own
-        return examples.padded_batches(batch_size, rows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = getattr(examples, "images", examples)
-    labels = getattr(examples, "labels", None)
-    if labels is None:
-        labels = np.zeros(len(images), np.int32)
+    if not isinstance(inputs, np.ndarray) and not hasattr(inputs, "__array__"):
+        raise TypeError(f"padded_batches takes an array of inputs, got {type(inputs).__name__}; "
+                        "a data set batches itself: dataset.padded_batches(batch_size)")
+    labels = np.zeros(len(inputs), np.int32) if labels is None else labels
 
     def generate():
-        for start in range(0, len(images), batch_size):
-            batch = {"image": images[start:start + batch_size], "label": labels[start:start + batch_size]}
-            batch = pad_batch(batch, batch_size)
+        for start in range(0, len(inputs), batch_size):
+            batch = pad_batch({"image": inputs[start:start + batch_size], "label": labels[start:start + batch_size]},
+                              batch_size)
             yield batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
     return generate()
@@ -714,46 +856,3 @@ def batch_indices(
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed} epoch={epoch}")
     order = np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle else np.arange(num_examples)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(count)]
-
-
-def iterate_batches(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = False,
-    start_batch: int = 0,
-    rows: slice | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yield the batches of one epoch, gathered from the whole arrays.
-
-    Args:
-        dataset: the examples.
-        batch_size: B > 0.
-        seed: run seed (see ``batch_indices``).
-        epoch: epoch number (see ``batch_indices``).
-        shuffle: permute the examples.
-        drop_last: drop the final partial batch.
-        start_batch: skip the first k batches (resuming mid-epoch), 0 <= k <= num_batches.
-        rows: gather only these rows of every batch (one process's share of the global batch,
-            `jaxvgg.parallel.batch_rows`); the order does not depend on it.
-
-    Returns:
-        An iterator of ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``. A stream
-        (`jaxvgg.input_pipeline.ImageFolderStream`) gives the same batches from its files, with a state.
-    """
-    if hasattr(dataset, "batches"):
-        return dataset.batches(batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last,
-                               start_batch=start_batch, rows=rows)
-    batches = batch_indices(len(dataset), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last)
-    if not 0 <= start_batch <= len(batches):
-        raise ValueError(f"start_batch must be in [0, {len(batches)}] for this epoch, got {start_batch}")
-
-    def generate():
-        for indices in batches[start_batch:]:
-            indices = indices if rows is None else indices[rows]
-            yield {"image": dataset.images[indices], "label": dataset.labels[indices]}
-
-    return generate()  # a nested generator so the checks above run at call time, not at the first next()

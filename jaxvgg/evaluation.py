@@ -4,6 +4,7 @@
 
     log_probs = predict_log_probs(state, test, eval_tf)            # float64 (N, C), rows logsumexp to 0
     probs = predict_probs(state, test, eval_tf)                    # float64 (N, C), rows sum to 1
+    tta = tta_log_probs(state, test, eval_tf, level=2)             # mirror + translate views, averaged
     feats = penultimate_features("mnist_lenet", model, state.variables, test.images[:2000],
                                  transform=eval_tf)                # (2000, 84): the input of fc3
     train_x, test_x = extract_features(model, variables, [train, test], "classifier_4", transform=eval_tf)
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxvgg import data, models, parallel
+from jaxvgg import augment, data, models, parallel
 from jaxvgg.layers import torch_flatten
 from jaxvgg.policy import NATIVE
-from jaxvgg.train import EvalTransform, TrainState, predict
+from jaxvgg.train import EvalTransform, TrainState, padded_outputs, predict
 
 # The input of each registry model's last Linear layer: (captured layer whose output it is, or None for
 # the network's input, and the function between that output and the last Linear).
@@ -37,13 +38,13 @@ _PENULTIMATE: dict[str, tuple[str | None, Callable | None]] = {
 }
 
 
-def predict_log_probs(state: TrainState, dataset: Any, eval_transform: EvalTransform,
+def predict_log_probs(state: TrainState, dataset: data.BatchSource, eval_transform: EvalTransform,
                       batch_size: int = 500, mesh: Any = None) -> np.ndarray:
     """Normalised log-probabilities of every example, in float64.
 
     Args:
       state: a trained `TrainState` (logit or log-prob outputs, either works).
-      dataset: `jaxvgg.data.Dataset` of uint8 images.
+      dataset: a `jaxvgg.data.BatchSource` (a `Dataset` of uint8 images, `Features`, a stream).
       eval_transform: jittable ``uint8 images -> float32``.
       batch_size: examples per forward pass.
       mesh: split every batch over this mesh's devices (`jaxvgg.train.predict`); over several processes
@@ -58,10 +59,29 @@ def predict_log_probs(state: TrainState, dataset: Any, eval_transform: EvalTrans
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def predict_probs(state: TrainState, dataset: Any, eval_transform: EvalTransform,
+def predict_probs(state: TrainState, dataset: data.BatchSource, eval_transform: EvalTransform,
                   batch_size: int = 500, mesh: Any = None) -> np.ndarray:
     """Probabilities of every example: float64 (N, C), rows summing to 1 (see `predict_log_probs`)."""
     return probs_from_log_probs(predict_log_probs(state, dataset, eval_transform, batch_size, mesh))
+
+
+def tta_log_probs(state: TrainState, dataset: data.Dataset, eval_transform: EvalTransform, level: int,
+                  batch_size: int = 500, mesh: Any = None) -> np.ndarray:
+    """Test-time augmentation: the log of the weighted mean of the class probabilities over the views of
+    `augment.tta_views` (``level`` 0: `predict_log_probs` itself). float64 (N, C), rows logsumexp to 0.
+
+    ``dataset`` holds uint8 images (each view moves or mirrors them before ``eval_transform``).
+    """
+    mean = None
+    for weight, view in augment.tta_views(level):
+        probs = probs_from_log_probs(predict_log_probs(state, dataset, _viewed(view, eval_transform), batch_size,
+                                                       mesh))
+        mean = weight * probs if mean is None else mean + weight * probs
+    return np.log(np.maximum(mean, np.finfo(np.float64).tiny))  # a probability of 0 stays finite
+
+
+def _viewed(view: Callable, eval_transform: EvalTransform) -> EvalTransform:
+    return lambda images: eval_transform(view(images))
 
 
 def probs_from_log_probs(log_probs: np.ndarray) -> np.ndarray:
@@ -78,15 +98,15 @@ def nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(log_probs[np.arange(labels.shape[0]), labels]))
 
 
-def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str | None, *,
+def layer_features(model: nn.Module, variables: Any, inputs: np.ndarray, layer: str | None, *,
                    transform: Callable | None = None, after: Callable | None = None, batch_size: int = 500,
                    quiet: bool = True, desc: str = "features") -> np.ndarray:
-    """Evaluation-mode outputs of one layer of ``model`` for every example, in order.
+    """Evaluation-mode outputs of one layer of ``model`` for every input, in order.
 
     Args:
       model: a flax module whose layers `models.layer_outputs` names (every registry model).
       variables: ``{"params": ...}`` (and ``"batch_stats"`` for BatchNorm models: evaluation reads them).
-      examples: (N, H, W, C) images, a `data.Dataset` or `data.Features`.
+      inputs: (N, H, W, C) images (a data set's ``images``) or (N, D) feature vectors.
       layer: torch-style layer name (``classifier_4``, ``features_15``); None: the (transformed) input.
       transform: jittable ``images -> float32`` applied per batch (e.g. normalisation), or None.
       after: jittable function applied to the layer's output (e.g. the ReLU between it and the next layer).
@@ -97,9 +117,9 @@ def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str |
     Returns:
       float32 (N, D); a 4-d (B, H, W, C) output is flattened in torch's (C, H, W) order.
     """
-    images = np.asarray(getattr(examples, "images", examples))
-    if images.ndim < 2 or images.shape[0] == 0:
-        raise ValueError(f"examples must be a non-empty batch of images or features, got shape {images.shape}")
+    inputs = np.asarray(inputs)
+    if inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty batch of images or features, got shape {inputs.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     transform = transform or (lambda x: x)
@@ -112,15 +132,15 @@ def layer_features(model: nn.Module, variables: Any, examples: Any, layer: str |
         return torch_flatten(out) if out.ndim == 4 else out
 
     fn = parallel.compile_step(features, getattr(model, "policy", NATIVE), "infer")
-    batch_size = min(batch_size, images.shape[0])
-    batches = data.padded_batches(images, batch_size)
-    chunks = [np.asarray(fn(variables, batch))[: int(batch["mask"].sum())]
-              for batch in tqdm(batches, total=data.num_batches(len(images), batch_size), desc=desc, unit="batch",
-                                disable=quiet, leave=False, dynamic_ncols=True)]
+    batch_size = min(batch_size, inputs.shape[0])
+    outputs = padded_outputs(fn, variables, data.padded_batches(inputs, batch_size), len(inputs), batch_size)
+    chunks = [np.asarray(out)[:real]
+              for out, real in tqdm(outputs, total=data.num_batches(len(inputs), batch_size), desc=desc, unit="batch",
+                                    disable=quiet, leave=False, dynamic_ncols=True)]
     return np.concatenate(chunks)
 
 
-def extract_features(model: nn.Module, variables: Any, datasets: Sequence[Any], layer: str, *,
+def extract_features(model: nn.Module, variables: Any, datasets: Sequence[data.Dataset], layer: str, *,
                      transform: Callable | None = None, batch_size: int = 500,
                      quiet: bool = True) -> list[data.Features]:
     """`layer_features` of several data sets as one stream (one padded batch, one program), as `data.Features`.

@@ -1,8 +1,8 @@
 """Matrix products: float32 through MKL's sgemm (an XLA:CPU FFI custom call), and bfloat16 mixed precision.
 
 On the CPU, PyTorch multiplies matrices with MKL, and on the shapes these networks use (im2col
-patches times kernels, Dense layers, their gradients) MKL ran 1.05-1.55x faster than XLA:CPU's own
-dot kernels here. `matmul` and `dot_general` send 2-d float32 products to ``cblas_sgemm`` when asked
+patches times kernels, Dense layers, their gradients) MKL ran faster than XLA:CPU's own dot kernels
+on the Intel Xeon they were tuned on (docs/performance.md). `matmul` sends 2-d float32 products to ``cblas_sgemm`` when asked
 for backend "mkl" (a `jaxvgg.policy.Policy` field) and the handler is built (``scripts/build_gemm.sh``,
 run by ``scripts/setup.sh``), and to XLA's dot otherwise. The call is a pure function of its operands,
 so it composes with jit and grad like any primitive: its gradient is two more products (`_mkl_matmul`'s
@@ -12,8 +12,7 @@ With ``dtype="bfloat16"``, `matmul` multiplies bfloat16 operands with float32 ac
 and so do both products of its gradient: the cotangent is cast to bfloat16 first. Plain autodiff of
 ``lax.dot(..., preferred_element_type=float32)`` would multiply a float32 cotangent, which XLA:CPU
 computes on its float32 path (or with a bfloat16 result, slower still). These products are XLA's own
-dots: on the 2-core AMD EPYC (AVX-512 BF16, no AMX), MKL's ``cblas_gemm_bf16bf16f32`` ran at 157-180
-GFLOP/s on 2048^3, 8192x2304x256 and 2048x4608x512 products, XLA's bf16 dot at 670-850 (float32: 356-423).
+dots: MKL's ``cblas_gemm_bf16bf16f32`` ran at a quarter of their rate (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -122,22 +121,3 @@ def matmul(a: jax.Array, b: jax.Array, backend: str = "xla", dtype: str = "float
     if dtype != "float32":
         raise ValueError(f"matmul dtype {dtype!r}; expected float32 or bfloat16")
     return _mkl_matmul(a, b) if _use_mkl(backend, a, b) else a @ b
-
-
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, backend: str = "xla"):
-    """`jax.lax.dot_general`; under backend "mkl", plain 2-d float32 products ((1,) x (0,), no batch) through MKL."""
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    plain = (tuple(lhs_contract) == (1,) and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch
-             and preferred_element_type in (None, jnp.float32))
-    if plain and _use_mkl(backend, lhs, rhs):
-        return _mkl_matmul(lhs, rhs)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type)
-
-
-@functools.cache
-def dot_general_for(backend: str):
-    """`dot_general` bound to ``backend``, for ``flax.linen.Dense(dot_general=...)`` (one object per backend)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"gemm backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return functools.partial(dot_general, backend=backend)

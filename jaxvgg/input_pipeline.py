@@ -74,11 +74,11 @@ class _Decode:
 
 
 class BatchIterator:
-    """One epoch's batches from an `ImageFolderStream`, with a JSON state to resume from mid-epoch."""
+    """One epoch's batches from an `ImageFolderStream` (a `jaxvgg.data.EpochBatches`), with a JSON state."""
 
-    def __init__(self, dataset: grain.IterDataset, num_batches: int, start_batch: int, key: dict):
+    def __init__(self, dataset: grain.IterDataset, num_batches: int, start_batch: int, layout: dict):
         self._iterator = iter(dataset)
-        self._num_batches, self._next, self._key = num_batches, start_batch, key
+        self._num_batches, self._next, self._layout = num_batches, start_batch, layout
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -98,14 +98,12 @@ class BatchIterator:
             close()
 
     def get_state(self) -> dict:
-        """``{"batch": batches read so far, "grain": grain's iterator state, ...what the epoch was}``: JSON."""
-        return {**self._key, "batch": self._next, "grain": self._iterator.get_state()}
+        """``{"batch": batches read so far, "grain": grain's iterator state, ...the epoch's layout}``: JSON."""
+        return {**self._layout, "batch": self._next, "grain": self._iterator.get_state()}
 
     def set_state(self, state: dict) -> None:
         """Continues from a `get_state` of an iterator of the same epoch, seed, batch size and rows."""
-        mismatch = {k: (state.get(k), v) for k, v in self._key.items() if state.get(k) != v}
-        if mismatch:
-            raise ValueError(f"iterator state is of another epoch or layout: {mismatch} (saved, this)")
+        data.check_epoch_state(state, self._layout)
         self._iterator.set_state(state["grain"])
         self._next = int(state["batch"])
 
@@ -120,7 +118,7 @@ def _absl_flags_parsed() -> None:
 
 
 class ImageFolderStream:
-    """A torchvision ImageFolder tree ``root/<class>/*.jpg|jpeg|png`` read batch by batch.
+    """A torchvision ImageFolder tree ``root/<class>/*.jpg|jpeg|png`` read batch by batch: a `jaxvgg.data.BatchSource`.
 
     Labels, class names and file order are `jaxvgg.data.load_image_folder`'s, and so are the decoded
     images (`jaxvgg.data.read_image`), resized to ``image_size``; with ``crop``, center-cropped after
@@ -193,7 +191,7 @@ class ImageFolderStream:
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = False,
                 start_batch: int = 0, rows: slice | None = None) -> BatchIterator:
-        """One epoch's batches, as `jaxvgg.data.iterate_batches` yields them from memory.
+        """One epoch's batches, as `jaxvgg.data.Dataset.batches` gathers them from memory.
 
         Args:
           batch_size: the global batch size B.
@@ -217,9 +215,8 @@ class ImageFolderStream:
         per_batch = len(local[0]) if local else 1
         order = np.concatenate(local) if local else np.zeros(0, np.int64)
         batched = self._pipeline(_Records(self.paths, self.labels, order), per_batch, drop_last=False)
-        key = {"seed": seed, "epoch": epoch, "batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
-               "rows": None if rows is None else [rows.start, rows.stop]}
-        return BatchIterator(self._iterate(batched[start_batch:]), len(batches), start_batch, key)
+        return BatchIterator(self._iterate(batched[start_batch:]), len(batches), start_batch,
+                             data.epoch_layout(batch_size, seed, epoch, shuffle, drop_last, rows))
 
     def padded_batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
         """In-order batches padded to ``batch_size`` with a ``mask``, as `jaxvgg.data.padded_batches` makes them."""

@@ -90,8 +90,8 @@ def im2col_patches(x: jax.Array, kh: int, kw: int, padding: int, transposed: boo
     """The (B*OH*OW, kh*kw*C) patch matrix of NHWC ``x``, rows ordered (b, oh, ow), columns (kh, kw, C);
     ``transposed``: its transpose (kh*kw*C, B*OH*OW), built as such (from a channels-first copy of x).
 
-    XLA:CPU copies 16-bit integers faster than bfloat16 values (VGG-A's 16x16x128 patches at batch 128:
-    1.6x on the AMD EPYC), so bfloat16 moves as its bits.
+    XLA:CPU copies 16-bit integers faster than bfloat16 values (docs/performance.md), so bfloat16
+    moves as its bits.
     """
     bits = x.dtype == jnp.bfloat16
     if bits:
@@ -118,8 +118,8 @@ def _im2col_bf16(x: jax.Array, kernel: jax.Array, padding: int, dtypes: tuple) -
 
     Its backward is written out because XLA:CPU multiplies bfloat16 (on YNNPACK, at about twice the
     float32 rate) only products whose left operand is contracted over its last axis; autodiff's weight
-    gradient, patches^T @ g, is not one, and XLA:CPU ran it at a quarter of the speed (VGG-A's 32768 x
-    1152 x 256 weight gradient on the AMD EPYC: 117 GFLOP/s against 462 built transposed). So the
+    gradient, patches^T @ g, is not one, and XLA:CPU ran it at a quarter of the speed of the same
+    product built transposed (docs/performance.md, "Mixed precision"). So the
     backward multiplies patches built transposed (kh*kw*C, M) @ g, and g @ kernel^T for the input's
     gradient, which is folded back onto the pixels (col2im) in float32. The residuals are the bfloat16
     input and kernel, not the 9x larger patches, which the backward rebuilds.

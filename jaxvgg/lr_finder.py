@@ -20,12 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxvgg import data, optim, parallel, plots
-from jaxvgg.train import TrainState, Transform, train_step
+from jaxvgg.train import TrainState, Transform, augmented_train_step
 
 
 class RangeTestState(NamedTuple):
@@ -149,13 +148,7 @@ class LRRangeResult(NamedTuple):
                 "steps_recorded": int(self.lrs.size)}
 
 
-def _transformed_train_step(state: TrainState, batch: dict, transform: Transform) -> tuple[TrainState, dict]:
-    """train_step on ``transform``-ed images; augmentation key from (rng, step), as `fit` derives it."""
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
-    return train_step(state, {**batch, "image": transform(key, batch["image"])})
-
-
-def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Transform, batch_size: int,
+def lr_range_test(state: TrainState, train_data: data.BatchSource, *, transform: Transform, batch_size: int,
                   min_lr: float = 1e-5, max_lr: float = 0.1, num_steps: int | None = None, seed: int = 0,
                   diverge_factor: float = 4.0, smoothing: float = 0.05, burn_in: int | None = None,
                   num_devices: int | None = None, quiet: bool = False) -> LRRangeResult:
@@ -196,7 +189,7 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
     mesh = parallel.make_mesh(num_devices if num_devices is not None
                               else parallel.auto_num_devices(state.params, batch_size))
     parallel.check_batch_size(batch_size, mesh)
-    step_fn = parallel.compile_step(partial(_transformed_train_step, transform=transform), state.policy, "train",
+    step_fn = parallel.compile_step(partial(augmented_train_step, transform=transform), state.policy, "train",
                                     mesh, donate_state=True)
     work = parallel.replicate(state, mesh)  # a copy: the step donates it, the caller's arrays survive
 
@@ -204,8 +197,8 @@ def lr_range_test(state: TrainState, train_data: data.Dataset, *, transform: Tra
     bar = tqdm(total=num_steps, desc="lr range test", unit="batch", disable=quiet, leave=False, dynamic_ncols=True)
     epoch = 0
     while len(recorded["lrs"]) < num_steps and not stats.diverged:
-        for batch in data.iterate_batches(train_data, batch_size, seed=seed, epoch=epoch, drop_last=True,
-                                          rows=parallel.batch_rows(batch_size, mesh)):  # this process's rows
+        for batch in train_data.batches(batch_size, seed=seed, epoch=epoch, drop_last=True,
+                                        rows=parallel.batch_rows(batch_size, mesh)):  # this process's rows
             lr = float(lrs[len(recorded["lrs"])])
             work = work.replace(opt_state=optim.set_lr(work.opt_state, lr))
             work, metrics = step_fn(work, parallel.shard_batch(batch, mesh))

@@ -278,7 +278,7 @@ VGG_ARCHS = tuple(f"vgg{d}{bn}" for d in VGG_DEPTHS for bn in ("", "_bn"))  # to
 vgg16_transfer = partial(VGG, cfg=VGG_CFGS["D"], avgpool_size=(7, 7), transfer_head=TRANSFER_HEAD,
                          freeze_features=True)
 
-MODELS: dict[str, ModelSpec] = {
+REGISTRY: dict[str, ModelSpec] = {
     **_vgg_variants(),
     "vgg16_transfer": ModelSpec(vgg16_transfer, (224, 224, 3), 100, log_probs=True,
                                 frozen_prefixes=("features_", "classifier_0", "classifier_3")),
@@ -293,14 +293,14 @@ MODELS: dict[str, ModelSpec] = {
 def get_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``, with the known names in the error."""
     try:
-        return MODELS[name]
+        return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}") from None
 
 
 def list_models() -> list[str]:
     """Names accepted by `create_model`."""
-    return sorted(MODELS)
+    return sorted(REGISTRY)
 
 
 def create_model(name: str, num_classes: int | None = None, policy: Policy | None = None, dtype: Any = None,

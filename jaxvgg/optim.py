@@ -136,9 +136,11 @@ def make_schedule(name: str, base_lr: float, *, steps_per_epoch: int, epochs: in
         ``"constant"``: ``base_lr`` throughout (the only one ``set_lr`` and the plateau rule can change);
         ``"step"`` (``step_epochs``, ``gamma=0.1``): torch ``StepLR(step_size=step_epochs, gamma)``
         stepped once per epoch, i.e. ``base_lr * gamma ** (epoch // step_epochs)``;
-        ``"cosine"`` (``warmup_epochs=0``): linear 0 -> ``base_lr`` over the warmup, then cosine decay
-        to 0 at step ``steps_per_epoch * epochs`` (torch ``CosineAnnealingLR(T_max=that)`` stepped per
-        batch when there is no warmup);
+        ``"cosine"`` (``warmup_epochs=0`` or ``warmup_fraction=0.0``): linear 0 -> ``base_lr`` over the
+        warmup (whole epochs, or that share of all steps, rounded), then cosine decay to 0 at step
+        ``steps_per_epoch * epochs`` (torch ``CosineAnnealingLR(T_max=that)`` stepped per batch when
+        there is no warmup): with W warmup steps of T, ``lr(t) = base_lr * t / W`` for ``t < W``, then
+        ``base_lr * (1 + cos(pi * (t - W) / (T - W))) / 2``;
         ``"onecycle"`` (``pct_start=0.3``, ``div_factor=25.0``, ``final_div_factor=1e4``): torch
         ``OneCycleLR(max_lr=base_lr, total_steps=steps_per_epoch * epochs, anneal_strategy="cos")``,
         lr only (as torch's ``cycle_momentum=False``; torch cycles SGD momentum by default).
@@ -176,15 +178,18 @@ def _step(base_lr: float, steps_per_epoch: int, epochs: int, *, step_epochs: int
                                    staircase=True)
 
 
-def _cosine(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: int = 0) -> optax.Schedule:
-    """Cosine decay to 0 over the run, after an optional linear warmup from 0."""
+def _cosine(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: int = 0,
+            warmup_fraction: float = 0.0) -> optax.Schedule:
+    """Cosine decay to 0 over the run, after an optional linear warmup from 0 (in epochs or a share of steps)."""
     if not 0 <= warmup_epochs < epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs}")
+    if not 0.0 <= warmup_fraction < 1.0 or (warmup_fraction and warmup_epochs):
+        raise ValueError(f"warmup_fraction must be in [0, 1) and not beside warmup_epochs, got {warmup_fraction}")
     total_steps = steps_per_epoch * epochs
-    if warmup_epochs == 0:
+    warmup_steps = warmup_epochs * steps_per_epoch or round(warmup_fraction * total_steps)
+    if warmup_steps == 0:
         return optax.cosine_decay_schedule(base_lr, decay_steps=total_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps=warmup_epochs * steps_per_epoch,
-                                              decay_steps=total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps=warmup_steps, decay_steps=total_steps)
 
 
 def _onecycle(base_lr: float, steps_per_epoch: int, epochs: int, *, pct_start: float = 0.3,
@@ -369,3 +374,28 @@ def early_stopping_update(state: EarlyStoppingState, val_loss: Any, epoch: Any, 
         should_stop=state.should_stop | (bad_epochs >= patience),
     )
     return new_state, improved
+
+
+# --------------------------------------------------------------------------------------------------
+# An exponential moving average of the weights
+# --------------------------------------------------------------------------------------------------
+
+def ema_decay_at(decay: float, step: Any) -> jax.Array:
+    """The decay used after optimizer step ``step`` (1, 2, ...): ``min(decay, (1 + step) / (10 + step))``,
+    TensorFlow's ``ExponentialMovingAverage(num_updates=step)``, so the first averages follow the weights."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(average: Any, values: Any, decay: float, step: Any) -> Any:
+    """``average`` moved toward ``values`` (same pytree): ``d * average + (1 - d) * values`` with
+    ``d = ema_decay_at(decay, step)``; integer leaves (BatchNorm's ``num_batches_tracked``) take the value."""
+    d = ema_decay_at(decay, step)
+
+    def one(a, v):
+        if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+            return v
+        return (d * a + (1.0 - d) * v).astype(jnp.asarray(a).dtype)
+
+    return jax.tree_util.tree_map(one, average, values)
+

@@ -80,10 +80,10 @@ def all_processes_mesh() -> Mesh | None:
 
 
 # On the CPU, with one XLA device per core (opt-in, see `jaxvgg.runtime`), data parallelism over
-# them pays off for small networks, whose steps are many small ops that XLA:CPU runs one at a time
-# (measured on 2 cores: LeNet training +57 %, the CIFAR CNN +12 %), and costs for big ones, whose
-# large matmuls already use every core and whose gradient all-reduce is large (VGG-A at 32x32, 28 M
-# parameters: -24 %). `auto_num_devices` draws the line by parameter count.
+# them pays off for small networks, whose steps are many small ops that XLA:CPU runs one at a time,
+# and costs for big ones, whose large matmuls already use every core and whose gradient all-reduce is
+# large (VGG-A at 32x32, 28 M parameters; docs/performance.md has the figures). `auto_num_devices`
+# draws the line by parameter count.
 CPU_DATA_PARALLEL_MAX_PARAMS = 4_000_000
 
 

@@ -1,4 +1,4 @@
-"""Figures of a run (PNG files, Agg backend) and the markdown report that gathers them.
+"""Figures of a run (PNG files, Agg backend); `jaxvgg.report` gathers them into report.md.
 
 Every plot function writes one PNG to `path`, closes its figure and returns the path as a Path.
 A run's history is the dict the training engine writes as history.json:
@@ -10,7 +10,6 @@ where val_* may be missing or hold None for epochs without validation.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -517,119 +516,3 @@ def plot_per_class_vs_count(per_class_acc, counts, class_names: Sequence[str], p
     ax.set_title("Per-class accuracy vs number of examples")
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _format_value(value) -> str:
-    """A number or short value as markdown text; None and NaN read "n/a"."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if math.isnan(value) else f"{float(value):.6g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _is_scalar(value) -> bool:
-    """True for what fits in one table cell."""
-    return value is None or isinstance(value, (str, bool, int, float, np.generic))
-
-
-def _is_matrix(value) -> bool:
-    """True for a non-empty list of equal-length lists of scalars (or a 2-D array)."""
-    value = value.tolist() if isinstance(value, np.ndarray) else value
-    return (isinstance(value, (list, tuple)) and len(value) > 0
-            and all(isinstance(row, (list, tuple)) and len(row) == len(value[0]) for row in value)
-            and all(_is_scalar(x) for row in value for x in row))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
-    """Markdown table lines."""
-    lines = ["| " + " | ".join(_format_value(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_format_value(x) for x in row) + " |" for row in rows]
-    return lines
-
-
-def _matrix_names(siblings: Mapping, size: int) -> list[str] | None:
-    """Row/column names for a matrix: a sibling "*names" list of the matrix's size."""
-    for key, value in siblings.items():
-        if str(key).endswith("names") and isinstance(value, (list, tuple)) and len(value) == size:
-            return [str(v) for v in value]
-    return None
-
-
-def _render(key: str, value, siblings: Mapping, depth: int) -> list[str]:
-    """Markdown lines for one non-scalar summary entry under a heading."""
-    heading = "#" * min(depth, 6) + " " + str(key).replace("_", " ")
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if _is_matrix(value):
-        rows = value
-        names = _matrix_names(siblings, len(rows)) if len(rows) == len(rows[0]) else None
-        if names is None:
-            names = [str(i) for i in range(max(len(rows), len(rows[0])))]
-        header = ["true \\ predicted"] + names[: len(rows[0])]
-        return [heading, "", *_table(header, [[names[i], *row] for i, row in enumerate(rows)]), ""]
-    if isinstance(value, Mapping):
-        scalars = {k: v for k, v in value.items() if _is_scalar(v)}
-        lines = [heading, ""]
-        if scalars:
-            lines += [*_table(["name", "value"], scalars.items()), ""]
-        for k, v in value.items():
-            if not _is_scalar(v):
-                lines += _render(k, v, value, depth + 1)
-        return lines
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
-        columns = list(dict.fromkeys(k for row in value for k in row))
-        return [heading, "", *_table(columns, [[row.get(c) for c in columns] for row in value]), ""]
-    if isinstance(value, (list, tuple)) and all(_is_scalar(v) for v in value):
-        return [heading, "", ", ".join(_format_value(v) for v in value) or "(empty)", ""]
-    return [heading, "", "```", str(value), "```", ""]
-
-
-def write_report(
-    workdir, title: str, summary: Mapping, figures: Sequence[str | os.PathLike], extra_md: str = ""
-) -> Path:
-    """Write `workdir/report.md`: every number of `summary` and every figure of the run.
-
-    Top-level scalars form one table; dicts become sections with a name/value table; square
-    lists of lists (a confusion matrix) become a table labelled by a sibling "*names" list of the
-    same length (e.g. "class_names", "group_names"); lists of dicts become tables; figures are
-    embedded with paths relative to `workdir`.
-
-    Args:
-        workdir: run folder; created if missing.
-        title: report title.
-        summary: JSON-like dict of results (e.g. metrics.summarize_classification output).
-        figures: PNG paths to embed, in order.
-        extra_md: markdown appended at the end.
-
-    Returns:
-        Path of the written report.md.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", ""]
-    scalars = {k: v for k, v in summary.items() if _is_scalar(v)}
-    if scalars:
-        lines += ["## Summary", "", *_table(["metric", "value"], scalars.items()), ""]
-    for key, value in summary.items():
-        if not _is_scalar(value):
-            lines += _render(key, value, summary, depth=2)
-    if figures:
-        lines += ["## Figures", ""]
-        for figure in figures:
-            figure = Path(figure)
-            relative = Path(os.path.relpath(figure.resolve(), workdir.resolve())).as_posix()
-            lines += [f"### {figure.stem.replace('_', ' ')}", "", f"![{figure.stem}]({relative})", ""]
-    if extra_md:
-        lines += [extra_md.rstrip(), ""]
-    report = workdir / "report.md"
-    report.write_text("\n".join(lines))
-    return report

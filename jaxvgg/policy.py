@@ -44,18 +44,18 @@ MODES = ("train", "infer")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}  # the CLI's --precision names
 # CPU flags (/proc/cpuinfo) of bfloat16 matrix hardware: Intel's AMX tiles, and AVX-512's bf16 dot
-# products (AMD Zen 4 and later, Intel since Cooper Lake), which XLA's bf16 x bf16 -> f32 dots use: on the
-# 2-core AMD EPYC (avx512_bf16, no AMX) they ran at 670-850 GFLOP/s against 356-423 in float32.
+# products (AMD Zen 4 and later, Intel since Cooper Lake), which XLA's bf16 x bf16 -> f32 dots use, at
+# about twice the float32 rate (docs/performance.md, "Mixed precision").
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 MKL_VENDOR = "GenuineIntel"  # "auto" GEMM is MKL's on this vendor's CPUs only (`make_policy`)
 # In inference, im2col wins on the CPU below this many output pixels per image (VGG's 8x8 and 4x4
-# blocks); lax.conv elsewhere (up to 2x for the CIFAR CNN). In training, im2col wins everywhere measured.
+# blocks), lax.conv elsewhere; in training, im2col wins everywhere measured (docs/performance.md).
 IM2COL_MAX_INFER_PIXELS = 64
 
 # XLA:CPU hands dots, convolutions and the element-wise ops around them to YNNPACK by default. For some
-# (model, mode) pairs Eigen's kernels and XLA's own loop emitters are faster (JAX-only A/B runs on the
-# 2-core Xeon: LeNet training +20-30 %, VGG-A inference at 32x32 and the transfer head's inference
-# +10-18 %); for the other pairs YNNPACK was as fast or faster. See docs/performance.md.
+# (model, mode) pairs Eigen's kernels and XLA's own loop emitters were faster in JAX-only A/B runs (LeNet
+# training, VGG-A inference at 32x32, the transfer head's inference); for the other pairs YNNPACK was as
+# fast or faster. The figures, and the CPU they were measured on, are in docs/performance.md.
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNNPACK_OFF = ((YNN_FUSION_OPTION, ""),)
 CPU_COMPILER_OPTIONS: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {
@@ -91,7 +91,7 @@ class Policy:
         if self.dtype not in DTYPES:
             raise ValueError(f"Policy.dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.dtype != "float32" and self.gemm == "mkl":
-            # MKL's cblas_gemm_bf16bf16f32 ran at 157-180 GFLOP/s on the AMD EPYC, XLA's bf16 dot at 670-850
+            # MKL's cblas_gemm_bf16bf16f32 ran at a quarter of XLA's bf16 dots (docs/performance.md)
             raise ValueError("Policy.gemm='mkl' computes float32 products only; bfloat16 uses gemm='xla'")
 
     def with_dtype(self, dtype: Any) -> "Policy":
@@ -231,9 +231,9 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
     num_devices = jax.device_count() if num_devices is None else num_devices
     if gemm_backend == "auto":
         usable = backend == "cpu" and forms != "native" and num_devices == 1 and dtype == "float32"
-        # MKL beat XLA's dots on the Intel Xeon; on AMD's Zen 5 (MKL takes no AVX-512 path there) XLA's were
-        # 1.5-2x faster (VGG-A training 303 img/s against 167). "fast" forces MKL wherever it is built, so the
-        # parity suite's fast column proves its products on every machine.
+        # MKL beat XLA's dots on the Intel Xeon; on AMD CPUs (MKL takes no AVX-512 path there) XLA's were
+        # faster (docs/performance.md). "fast" forces MKL wherever it is built, so the parity suite's fast
+        # column proves its products on every machine.
         preferred = forms == "fast" or cpu_vendor() == MKL_VENDOR
         gemm_backend = "mkl" if usable and preferred and gemm.problem() is None else "xla"
     elif gemm_backend == "mkl":
@@ -242,7 +242,7 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
         if gemm.problem() is not None:
             raise RuntimeError(f"gemm=mkl, but {gemm.problem()}")
     # the options were measured in float32; in bfloat16 YNNPACK must stay on: XLA:CPU's own dot kernels
-    # do not use the bf16 units (a 2048^3 bf16 dot on the AMD EPYC: 861 GFLOP/s with YNNPACK, 324 without)
+    # do not use the bf16 units (docs/performance.md, "Mixed precision")
     tuned = backend == "cpu" and forms != "native" and dtype == "float32"
     options = {mode: CPU_COMPILER_OPTIONS.get((model, mode), ()) if tuned else () for mode in MODES}
     return Policy(forms, gemm_backend, options["train"], options["infer"], dtype)

@@ -2,18 +2,14 @@
 
 A JAX training step on the CPU allocates and frees hundreds of MB of temporaries; glibc's malloc
 returns them to the kernel and takes fresh (zeroed, page-faulting) pages on the next step. tcmalloc
-keeps them, which measured +25 % for the CIFAR CNN's JAX training step on this project's 2-core CPU
-(and more for PyTorch's). Like Intel's PyTorch launcher, the experiments' entry points re-execute
+keeps them, which speeds up the training steps of both frameworks (docs/performance.md). Like Intel's PyTorch launcher, the experiments' entry points re-execute
 themselves with tcmalloc in ``LD_PRELOAD`` when it is installed (Debian: ``libtcmalloc-minimal4``);
 ``JAXVGG_ALLOCATOR=system`` turns that off.
 
 XLA:CPU presents the whole host as one device. Exposing one device per core
-(``XLA_FLAGS=--xla_force_host_platform_device_count=N``) lets `jaxvgg.parallel` split small networks'
-batches over the cores (`parallel.auto_num_devices`), measured +57 % for LeNet training on 2 cores
-in one session and +10 % in a later one. The ``JAXVGG_CPU_DEVICES`` option that set it was removed:
-in one long benchmark XLA:CPU's in-process all-reduce waited for the second device until the
-rendezvous aborted the process, and the hang could not be reproduced to find its cause (docs/
-performance.md). Setting the flag by hand still works; the experiments no longer do it.
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by hand) lets `jaxvgg.parallel` split
+small networks' batches over the cores (`parallel.auto_num_devices`); the experiments do not set it
+(docs/performance.md says why).
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import sys
 from pathlib import Path
 
 ALLOCATOR_ENV = "JAXVGG_ALLOCATOR"
-REMOVED_CPU_DEVICES_ENV = "JAXVGG_CPU_DEVICES"  # one XLA device per core: removed, see the module docstring
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 ALLOCATORS = ("tcmalloc", "system")
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
@@ -95,14 +90,6 @@ def fast_environ(environ: dict | None = None) -> dict:
     return env
 
 
-def _warn_removed_cpu_devices() -> None:
-    wanted = os.environ.get(REMOVED_CPU_DEVICES_ENV, "")
-    if wanted not in ("", "1"):
-        print(f"note: {REMOVED_CPU_DEVICES_ENV}={wanted} is ignored (the option was removed: several XLA CPU devices "
-              f"in one process can hang in XLA's in-process all-reduce); set XLA_FLAGS={DEVICE_COUNT_FLAG}=N "
-              "yourself to split batches over CPU devices anyway", file=sys.stderr)
-
-
 def reexec_with_fast_runtime() -> None:
     """Re-executes this Python process under `fast_environ` unless it already runs under it.
 
@@ -111,7 +98,6 @@ def reexec_with_fast_runtime() -> None:
     """
     env = fast_environ()
     if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
-        _warn_removed_cpu_devices()  # once: in the process that goes on
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,7 +3,14 @@
 Steps are module-level pure functions ``(state, batch) -> (state, metrics)``; `fit`, `evaluate` and
 `predict` jit them through `jaxvgg.parallel.compile_step` with the state's policy (see flax
 examples/imagenet). A batch is ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``,
-optionally with ``"mask"`` (B,) marking real examples in a padded final batch.
+optionally with ``"mask"`` (B,) marking real examples in a padded final batch; the data sets `fit`
+reads are `jaxvgg.data.BatchSource`s.
+
+Several processes (`jaxvgg.distributed`): every process calls `fit` with the same arguments; the
+mesh spans all their devices, each process reads only its rows of every global batch, every
+process takes part in the checkpoint saves, and only process 0 prints and writes history.json.
+The data order and the global batch do not depend on the process or device count. The state comes
+back as each process's own copy (`jaxvgg.parallel.unreplicate`), for single-process code after it.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxvgg import checkpoint as ckpt
@@ -43,24 +51,34 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any = None  # BatchNorm running statistics (flax's batch_stats collection); None without BN
     plateau: Any = None  # optim.plateau_init() state when the plateau lr rule is on
     early_stopping: Any = None  # optim.early_stopping_init() state when early stopping is on
+    # (params, batch_stats) averaged over the steps (`optim.ema_update`), what evaluation applies; None: off
+    ema: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
                log_probs: bool = False, label_smoothing: float = 0.0, policy: Policy | None = None,
-               batch_stats: Any = None) -> "TrainState":
+               ema_decay: float = 0.0) -> "TrainState":
         """A step-0 state with a fresh optimizer state.
 
-        ``params`` may be the model's whole variables (``{"params": ..., "batch_stats": ...}``): its
-        batch_stats are then the state's. ``policy`` defaults to that of ``apply_fn``'s module.
+        ``params``: the parameters, or the model's whole variables (``{"params": ..., "batch_stats": ...}``,
+        whose batch_stats, BatchNorm's running statistics, are then the state's). ``policy`` defaults
+        to that of ``apply_fn``'s module.
+        ``ema_decay`` > 0 keeps a moving average of the parameters and BatchNorm statistics, updated
+        after every step and evaluated in their place (`eval_variables`).
         """
+        batch_stats = None
         if "params" in params:
-            batch_stats = params.get("batch_stats", batch_stats)
+            batch_stats = params.get("batch_stats")
             params = params["params"]
         if policy is None:
             policy = getattr(getattr(apply_fn, "__self__", None), "policy", NATIVE)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        ema = jax.tree_util.tree_map(jnp.copy, (params, batch_stats)) if ema_decay else None
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
                    batch_stats=batch_stats, apply_fn=apply_fn, tx=tx, log_probs=log_probs,
-                   label_smoothing=label_smoothing, policy=policy)
+                   label_smoothing=label_smoothing, policy=policy, ema=ema, ema_decay=ema_decay)
 
     @property
     def variables(self) -> dict:
@@ -69,13 +87,21 @@ class TrainState(struct.PyTreeNode):
             return {"params": self.params}
         return {"params": self.params, "batch_stats": self.batch_stats}
 
+    @property
+    def eval_variables(self) -> dict:
+        """What evaluation applies: the moving average of the weights (and statistics) when one is kept."""
+        if self.ema is None:
+            return self.variables
+        params, stats = self.ema
+        return {"params": params} if stats is None else {"params": params, "batch_stats": stats}
+
     @classmethod
     def for_model(cls, name: str, model: Any, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-                  label_smoothing: float = 0.0) -> "TrainState":
+                  label_smoothing: float = 0.0, ema_decay: float = 0.0) -> "TrainState":
         """A state for a registry model: its loss follows whether it ends in log_softmax."""
         return cls.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,  # params: or all the variables
                           log_probs=models.get_spec(name).log_probs, label_smoothing=label_smoothing,
-                          policy=model.policy)
+                          policy=model.policy, ema_decay=ema_decay)
 
     def apply_gradients(self, grads: Any) -> "TrainState":
         """One optimizer update."""
@@ -118,12 +144,15 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (outputs, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
     metrics = {"loss": loss, "accuracy": jnp.sum(correct * mask) / jnp.sum(mask)}
-    return state.apply_gradients(grads).replace(batch_stats=stats), metrics
+    state = state.apply_gradients(grads).replace(batch_stats=stats)
+    if state.ema is not None:
+        state = state.replace(ema=optim.ema_update(state.ema, (state.params, stats), state.ema_decay, state.step))
+    return state, metrics
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Summed loss, correct count and example count (sums, so partial batches aggregate exactly)."""
-    outputs = state.apply_fn(state.variables, batch["image"])  # BatchNorm: the running statistics
+    outputs = state.apply_fn(state.eval_variables, batch["image"])  # BatchNorm: the running statistics
     mask = _mask(batch)
     losses = per_example_loss(outputs, batch["label"], state.log_probs)
     correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
@@ -171,37 +200,52 @@ def _transformed_eval_step(state: TrainState, batch: dict, transform: EvalTransf
     return eval_step(state, {**batch, "image": transform(batch["image"])})
 
 
-def _transformed_predict(state: TrainState, images: jax.Array, transform: EvalTransform) -> jax.Array:
-    return state.apply_fn(state.variables, transform(images))
+def _transformed_predict(state: TrainState, batch: dict, transform: EvalTransform) -> jax.Array:
+    return state.apply_fn(state.eval_variables, transform(batch["image"]))
 
 
-def evaluate(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
-             mesh: Any = None) -> dict[str, float]:
+def padded_outputs(fn: Callable, first: Any, batches: Iterable[dict], num_examples: int, batch_size: int,
+                   mesh: Mesh | None = None) -> Iterator[tuple[Any, int]]:
+    """``(fn(first, batch), real examples in it)`` for each padded batch, in order: the one prediction loop.
+
+    ``batches``: padded to ``batch_size`` (`jaxvgg.data.padded_batches`, `BatchSource.padded_batches`),
+    each this process's rows when there is a ``mesh`` (then split over it: ``fn`` jitted with it).
+    The padding is at the end, so a batch's real examples are its first ones.
+    """
+    for b, batch in enumerate(batches):
+        yield (fn(first, batch if mesh is None else parallel.shard_batch(batch, mesh)),
+               min(batch_size, num_examples - b * batch_size))
+
+
+def _mesh_padded_outputs(fn: Callable, first: Any, dataset: data.BatchSource, batch_size: int,
+                         mesh: Mesh | None) -> Iterator[tuple[Any, int]]:
+    """`padded_outputs` over ``dataset``: with a mesh, the batch rounded up to a multiple of its size and
+    each process reading only its rows, so over all processes each example counts once."""
+    if mesh is not None:
+        batch_size = _round_up(batch_size, mesh.size)
+    rows = None if mesh is None else parallel.batch_rows(batch_size, mesh)
+    return padded_outputs(fn, first, dataset.padded_batches(batch_size, rows), len(dataset), batch_size, mesh)
+
+
+def evaluate(state: TrainState, dataset: data.BatchSource, transform: EvalTransform, batch_size: int = 500,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """Mean loss and accuracy over every example of ``dataset`` (the last partial batch included)."""
     mesh = mesh or parallel.make_mesh(1)
     step = parallel.compile_step(partial(_transformed_eval_step, transform=transform), state.policy, "infer", mesh)
     return _evaluate(step, state, dataset, batch_size, mesh)
 
 
-def _global_padded_batches(dataset: Any, batch_size: int, mesh: Any) -> Iterator[dict]:
-    """The padded batches of ``dataset`` (the size rounded up to a multiple of the mesh's), each split over
-    the mesh: every process reads only its rows, so over all processes each example counts once."""
-    batch_size = _round_up(batch_size, mesh.size)
-    for batch in data.padded_batches(dataset, batch_size, parallel.batch_rows(batch_size, mesh)):
-        yield parallel.shard_batch(batch, mesh)
-
-
-def _evaluate(step: Callable, state: TrainState, dataset: Any, batch_size: int, mesh: Any) -> dict[str, float]:
+def _evaluate(step: Callable, state: TrainState, dataset: data.BatchSource, batch_size: int,
+              mesh: Mesh) -> dict[str, float]:
     """`evaluate` with an already jitted eval step (fit reuses one, so it compiles once per run)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in _global_padded_batches(dataset, batch_size, mesh):  # sums over the whole (global) batch
-        sums = step(state, batch)
+    for sums, _ in _mesh_padded_outputs(step, state, dataset, batch_size, mesh):  # sums over the global batch
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
 
 
-def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_size: int = 500,
-            mesh: Any = None) -> np.ndarray:
+def predict(state: TrainState, dataset: data.BatchSource, transform: EvalTransform, batch_size: int = 500,
+            mesh: Mesh | None = None) -> np.ndarray:
     """Model outputs (logits or log-probs, as the model returns) for every example, in order.
 
     With a ``mesh`` (`jaxvgg.parallel.make_mesh`; over several processes, every process calls this with
@@ -209,14 +253,10 @@ def predict(state: TrainState, dataset: Any, transform: EvalTransform, batch_siz
     the mesh's devices, and every process gets all the outputs. Without one, one device computes them.
     """
     fn = parallel.compile_step(partial(_transformed_predict, transform=transform), state.policy, "infer", mesh)
-    if mesh is None:
-        outs = [np.asarray(fn(state, b["image"]))[: int(b["mask"].sum())]
-                for b in data.padded_batches(dataset, batch_size)]
-        return np.concatenate(outs)
-    placed = parallel.replicate(state, mesh)
-    # the outputs are replicated: each process reads the whole global batch's; the padding is at the end
-    outs = [distributed.to_numpy(fn(placed, b["image"])) for b in _global_padded_batches(dataset, batch_size, mesh)]
-    return np.concatenate(outs)[: len(dataset)]
+    state = state if mesh is None else parallel.replicate(state, mesh)
+    # the outputs are replicated: each process reads the whole global batch's
+    return np.concatenate([distributed.to_numpy(out)[:real]
+                           for out, real in _mesh_padded_outputs(fn, state, dataset, batch_size, mesh)])
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -229,25 +269,53 @@ def _new_history() -> dict:
                                       "time_s", "images_per_s")}}
 
 
-StepHook = Callable[[int, int, dict], None]  # (epoch, batch of the epoch, {"loss", "accuracy", "lr"}) -> None
+# on_step(epoch, batch, metrics): ``batch`` counts from 1 within the epoch; metrics are floats: loss, accuracy, lr
+StepHook = Callable[[int, int, dict], None]
 
 
-def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *, train_transform: Transform,
-        eval_transform: EvalTransform, on_step: StepHook | None = None) -> tuple[TrainState, dict]:
+@dataclasses.dataclass
+class _Run:
+    """What one `fit` call holds beside the state: its config, mesh, compiled steps, checkpoints and history."""
+
+    config: FitConfig
+    mesh: Mesh
+    steps_per_epoch: int
+    base_lr: float  # the lr the plateau rule scales
+    checkpoints: ckpt.Checkpoints | None
+    on_step: StepHook | None
+    history: dict = dataclasses.field(default_factory=_new_history)
+    train_fn: Callable | None = None
+    eval_fn: Callable | None = None
+    best: Any = None  # (params, batch_stats) of early stopping's best epoch, once this run has seen it
+
+    @property
+    def workdir(self) -> Path | None:
+        return Path(self.config.workdir) if self.config.workdir else None
+
+    @property
+    def rows(self) -> slice:  # this process's share of every global batch
+        return parallel.batch_rows(self.config.batch_size, self.mesh)
+
+    @property
+    def quiet(self) -> bool:
+        return self.config.quiet or not distributed.is_main_process()
+
+
+def fit(state: TrainState, train_data: data.BatchSource, val_data: data.BatchSource | None, config: FitConfig, *,
+        train_transform: Transform, eval_transform: EvalTransform,
+        on_step: StepHook | None = None) -> tuple[TrainState, dict]:
     """Trains ``state`` for ``config.epochs`` epochs; the pure steps are jitted here.
 
     Args:
       state: from `TrainState.create` / `for_model`; its optimizer must come from `jaxvgg.optim`
         when a plateau rule is configured (the lr is rewritten in the optimizer state).
-      train_data, val_data: `jaxvgg.data.Dataset` of uint8 images (val_data may be None).
+      train_data, val_data: `jaxvgg.data.BatchSource`s (val_data may be None).
       config: see `FitConfig`.
       train_transform: jittable ``(key, uint8 images) -> float32`` run on the device per batch
         (augmentation + normalisation).
       eval_transform: jittable ``uint8 images -> float32``.
-      on_step: called on the host of every process as ``on_step(epoch, batch, metrics)`` once a step's
-        metrics have been read (``batch`` counts from 1 within the epoch; metrics are floats: loss,
-        accuracy, lr) and its history entry written, before a mid-epoch save after that batch: for
-        logging, or for a test that stops the run at a step it chooses.
+      on_step: a `StepHook`, called on every process once a step's metrics are read and its history
+        entry written, before a mid-epoch save after that batch (logging; a test stopping at a step).
 
     Returns:
       (final state, history). With early stopping the state holds the best epoch's parameters (and
@@ -255,17 +323,39 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
       History: ``{"batch": {step, epoch, loss, accuracy, lr}, "epoch": {epoch, train_loss,
       train_accuracy, val_loss, val_accuracy, lr, time_s, images_per_s}}`` (epoch in epoch units).
 
-    Several processes (`jaxvgg.distributed`): every process calls `fit` with the same arguments; the
-    mesh spans all their devices, each process reads only its rows of every global batch, every
-    process takes part in the checkpoint saves, and only process 0 prints and writes history.json.
-    The data order and the global batch do not depend on the process or device count. The state comes
-    back as each process's own copy (`jaxvgg.parallel.unreplicate`), for single-process code after it.
+    Several processes: see the module's docstring.
 
     Raises:
       FloatingPointError: when the loss becomes NaN/inf, naming the step and lr; checkpoints of
         earlier epochs are kept.
       jaxvgg.distributed.ProcessLostError: another process died; relaunch all with resume.
     """
+    run = _start_run(state, train_data, val_data, config, on_step)
+    state, first_epoch, resume_at = _restore_or_start(run, _with_epoch_rules(state, config))
+    run.train_fn = parallel.compile_step(partial(augmented_train_step, transform=train_transform), state.policy,
+                                         "train", run.mesh, donate_state=True)
+    run.eval_fn = parallel.compile_step(partial(_transformed_eval_step, transform=eval_transform), state.policy,
+                                        "infer", run.mesh)
+    state = parallel.replicate(state, run.mesh)
+    try:
+        for epoch in range(first_epoch, config.epochs + 1):
+            if state.early_stopping is not None and bool(state.early_stopping.should_stop):
+                break
+            state, record = _train_epoch(run, state, train_data, epoch, resume_at if epoch == first_epoch else None)
+            state = _end_epoch(run, state, val_data, record)
+    except Exception as e:  # a dead peer fails the next collective: say which process, not gloo's socket error
+        if distributed.is_collective_failure(e):
+            raise distributed.describe_lost(e) from e
+        raise
+    state = _best_of_early_stopping(run, state)
+    if run.checkpoints is not None:
+        run.checkpoints.close()
+    return parallel.unreplicate(state), run.history
+
+
+def _start_run(state: TrainState, train_data: data.BatchSource, val_data: data.BatchSource | None,
+               config: FitConfig, on_step: StepHook | None) -> _Run:
+    """Checks what `fit` was given and sets up its mesh and checkpoints (nothing trained or restored yet)."""
     mesh = parallel.make_mesh(config.num_devices if config.num_devices is not None
                               else parallel.auto_num_devices(state.params, config.batch_size))
     parallel.check_batch_size(config.batch_size, mesh)
@@ -274,175 +364,187 @@ def fit(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, *,
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images")
     if val_data is None and (config.plateau_patience or config.early_stopping_patience):
         raise ValueError("the plateau rule and early stopping need validation data")
+    checkpoints = None
+    if config.workdir:
+        Path(config.workdir).mkdir(parents=True, exist_ok=True)
+        best_metric = "neg_val_loss" if config.early_stopping_patience else "val_accuracy"
+        checkpoints = ckpt.Checkpoints(Path(config.workdir) / "checkpoints", config.keep_checkpoints,
+                                       best_metric if val_data is not None else None)
+    return _Run(config, mesh, steps_per_epoch, float(optim.current_lr(state.opt_state)), checkpoints, on_step)
 
-    base_lr = float(optim.current_lr(state.opt_state))
+
+def _with_epoch_rules(state: TrainState, config: FitConfig) -> TrainState:
+    """``state`` with the fresh plateau and early-stopping states its config asks for (kept when resumed)."""
     if config.plateau_patience is not None and state.plateau is None:
         state = state.replace(plateau=optim.plateau_init(
             patience=config.plateau_patience, threshold=config.plateau_threshold, factor=config.plateau_factor,
             min_scale=config.plateau_factor ** config.plateau_max_reductions))
     if config.early_stopping_patience is not None and state.early_stopping is None:
         state = state.replace(early_stopping=optim.early_stopping_init())
-
-    rows = parallel.batch_rows(config.batch_size, mesh)  # this process's share of every global batch
-    quiet = config.quiet or not distributed.is_main_process()
-    workdir = Path(config.workdir) if config.workdir else None
-    checkpoints, history, first_epoch, resume_at = None, _new_history(), 1, None
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        best_metric = "neg_val_loss" if config.early_stopping_patience else "val_accuracy"
-        checkpoints = ckpt.Checkpoints(workdir / "checkpoints", config.keep_checkpoints,
-                                       best_metric if val_data is not None else None)
-        latest, partial_meta = checkpoints.latest_epoch(), checkpoints.partial_meta()
-        if (latest is not None or partial_meta is not None) and not config.resume:
-            held = f"epoch {latest}" if latest is not None else f"a save in epoch {partial_meta['epoch']}"
-            raise FileExistsError(f"{workdir / 'checkpoints'} already holds {held}; pass resume=True "
-                                  "(--resume) to continue it, or choose another workdir")
-        if latest is not None:
-            template = state
-            state, meta = checkpoints.restore(template)
-            history, first_epoch = meta["history"], meta["epoch"] + 1
-            _log(f"resumed from {workdir / 'checkpoints'} after epoch {meta['epoch']}")
-        if partial_meta is not None and partial_meta["epoch"] == first_epoch:  # newer: a save within that epoch
-            state, meta = checkpoints.restore_partial(state)
-            history, resume_at = meta["history"], meta
-            _log(f"resumed from {workdir / 'checkpoints' / 'partial'} in epoch {meta['epoch']}, "
-                 f"after batch {meta['batch']} of {steps_per_epoch}")
-
-    train_fn = parallel.compile_step(partial(augmented_train_step, transform=train_transform), state.policy,
-                                     "train", mesh, donate_state=True)
-    eval_fn = parallel.compile_step(partial(_transformed_eval_step, transform=eval_transform), state.policy,
-                                    "infer", mesh)
-    state = parallel.replicate(state, mesh)
-    try:
-        state, best_params = _epochs(state, train_data, val_data, config, train_fn, eval_fn, mesh, rows, quiet,
-                                     checkpoints, history, first_epoch, base_lr, steps_per_epoch, workdir, resume_at,
-                                     on_step)
-    except Exception as e:  # a dead peer fails the next collective: say which process, not gloo's socket error
-        if distributed.is_collective_failure(e):
-            raise distributed.describe_lost(e) from e
-        raise
-
-    if state.early_stopping is not None:
-        if best_params is None and checkpoints is not None and checkpoints.best_epoch() is not None:
-            best = checkpoints.restore(state, best=True)[0]  # resumed run: best is on disk
-            best_params = (best.params, best.batch_stats)
-        if best_params is not None:
-            _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
-                         f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
-            state = state.replace(params=best_params[0], batch_stats=best_params[1])
-    if checkpoints is not None:
-        checkpoints.close()
-    return parallel.unreplicate(state), history
+    return state
 
 
-def _epochs(state: TrainState, train_data: Any, val_data: Any, config: FitConfig, train_fn: Callable,
-            eval_fn: Callable, mesh: Any, rows: slice, quiet: bool, checkpoints: Any, history: dict,
-            first_epoch: int, base_lr: float, steps_per_epoch: int, workdir: Path | None,
-            resume_at: dict | None = None, on_step: StepHook | None = None) -> tuple[TrainState, Any]:
-    """`fit`'s epoch loop: train, validate, apply the epoch rules, write history and checkpoints.
+def _restore_or_start(run: _Run, state: TrainState) -> tuple[TrainState, int, dict | None]:
+    """(state, first epoch, the meta of a mid-epoch save of that epoch to continue from, or None).
 
-    ``resume_at``: the meta of a mid-epoch save of ``first_epoch`` to continue from (its batch, input state).
+    Restores the newest epoch's checkpoint, then a newer save within the next epoch; without
+    checkpoints, the given state at epoch 1. A workdir holding a run needs ``config.resume``.
     """
-    best_params = None
-    for epoch in range(first_epoch, config.epochs + 1):
-        if state.early_stopping is not None and bool(state.early_stopping.should_stop):
-            break
-        start, sums = time.perf_counter(), np.zeros(3)
-        batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch, drop_last=True,
-                                       rows=rows)  # this process's rows of each global batch
-        done = 0  # batches of this epoch already trained (a mid-epoch resume)
-        if resume_at is not None:
-            done = int(resume_at["batch"])
-            if resume_at.get("data_state") is not None and hasattr(batches, "set_state"):
-                batches.set_state(resume_at["data_state"])  # a stream continues from its saved iterator state
-            else:
-                batches = data.iterate_batches(train_data, config.batch_size, seed=config.seed, epoch=epoch,
-                                               drop_last=True, rows=rows, start_batch=done)
-            h = history["batch"]
-            mine = [j for j, e in enumerate(h["epoch"]) if e > epoch - 1]  # this epoch's batches so far
-            n = config.batch_size
-            sums[:] = (sum(h["loss"][j] for j in mine) * n, sum(h["accuracy"][j] for j in mine) * n, len(mine) * n)
-            resume_at = None
-        bar = tqdm(batches, total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{config.epochs}",
-                   unit="batch", disable=quiet, leave=False, dynamic_ncols=True)
-        step0 = int(state.step) - done
-        counted0 = sums[2]  # images/s counts what this process trains now, not what a resumed epoch did before
-        pending = None  # the previous step's metrics, read only after the next step is dispatched
+    checkpoints = run.checkpoints
+    if checkpoints is None:
+        return state, 1, None
+    where = run.workdir / "checkpoints"
+    latest, partial_meta = checkpoints.latest_epoch(), checkpoints.partial_meta()
+    if (latest is not None or partial_meta is not None) and not run.config.resume:
+        held = f"epoch {latest}" if latest is not None else f"a save in epoch {partial_meta['epoch']}"
+        raise FileExistsError(f"{where} already holds {held}; pass resume=True (--resume) to continue it, or "
+                              "choose another workdir")
+    first_epoch, resume_at = 1, None
+    if latest is not None:
+        state, meta = checkpoints.restore(state)
+        run.history, first_epoch = meta["history"], meta["epoch"] + 1
+        _log(f"resumed from {where} after epoch {meta['epoch']}")
+    if partial_meta is not None and partial_meta["epoch"] == first_epoch:  # newer: a save within that epoch
+        state, resume_at = checkpoints.restore_partial(state)
+        run.history = resume_at["history"]
+        _log(f"resumed from {where / 'partial'} in epoch {resume_at['epoch']}, "
+             f"after batch {resume_at['batch']} of {run.steps_per_epoch}")
+    return state, first_epoch, resume_at
 
-        def record_step(i: int, metrics: dict, n: int) -> None:
-            # float() waits for that step; the step after it is already queued, so the device never idles
-            # while the host gathers the next batch or writes the history.
-            loss, acc, lr = float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["lr"])
-            if not math.isfinite(loss):
-                where = f" (epochs up to {epoch - 1} are in {workdir / 'checkpoints'})" if workdir else ""
-                raise FloatingPointError(f"loss is {loss} at step {step0 + i + 1} (epoch {epoch}, batch {i + 1}), "
-                                         f"lr {lr:g}; stopping{where}")
-            sums[:] += (loss * n, acc * n, n)
-            h = history["batch"]
-            h["step"].append(step0 + i + 1), h["epoch"].append(epoch - 1 + (i + 1) / steps_per_epoch)
-            h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
-                            img_s=f"{(sums[2] - counted0) / (time.perf_counter() - start):.0f}", refresh=False)
-            if on_step is not None:
-                on_step(epoch, i + 1, {"loss": loss, "accuracy": acc, "lr": lr})
 
-        every = config.checkpoint_every_steps if checkpoints is not None else None
-        for i, batch in enumerate(bar, start=done):
-            state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
-            if pending is not None:
-                record_step(*pending)
-            pending = (i, metrics, config.batch_size)  # the global batch
-            if every and (i + 1) % every == 0 and i + 1 < steps_per_epoch:
-                record_step(*pending)
-                pending = None
-                data_state = batches.get_state() if hasattr(batches, "get_state") else None
-                checkpoints.save_partial(int(state.step), state, {"epoch": epoch, "batch": i + 1, "history": history,
-                                                                  "data_state": data_state})
+def _epoch_batches(run: _Run, train_data: data.BatchSource, epoch: int,
+                   resume_at: dict | None) -> tuple[data.EpochBatches, int]:
+    """This process's batches of ``epoch`` and how many of them were already trained (a mid-epoch resume)."""
+    layout = {"seed": run.config.seed, "epoch": epoch, "drop_last": True, "rows": run.rows}
+    if resume_at is None:
+        return train_data.batches(run.config.batch_size, **layout), 0
+    done = int(resume_at["batch"])
+    if resume_at.get("data_state") is None:  # saved before in-memory sets kept an iterator state
+        return train_data.batches(run.config.batch_size, start_batch=done, **layout), done
+    batches = train_data.batches(run.config.batch_size, **layout)
+    batches.set_state(resume_at["data_state"])  # continues from the saved iterator state
+    return batches, done
+
+
+class _EpochMeter:
+    """One epoch's running loss/accuracy sums, its history entries, progress bar and `StepHook` calls."""
+
+    def __init__(self, run: _Run, epoch: int, first_step: int, done: int):
+        self.run, self.epoch, self.first_step = run, epoch, first_step
+        self.sums, self.start = np.zeros(3), time.perf_counter()
+        if done:  # a mid-epoch resume: the running sums of the batches trained before the save
+            h, n = run.history["batch"], run.config.batch_size
+            mine = [j for j, e in enumerate(h["epoch"]) if e > epoch - 1]
+            self.sums[:] = (sum(h["loss"][j] for j in mine) * n, sum(h["accuracy"][j] for j in mine) * n,
+                            len(mine) * n)
+        self.counted0 = self.sums[2]  # images/s counts what this process trains now, not what it did before
+        self.bar: Any = None
+
+    def record(self, i: int, metrics: dict) -> None:
+        """Reads step ``i``'s metrics (waiting for it) and logs them; a NaN/inf loss stops the run."""
+        loss, acc, lr = float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["lr"])
+        step, run = self.first_step + i + 1, self.run
+        if not math.isfinite(loss):
+            where = f" (epochs up to {self.epoch - 1} are in {run.workdir / 'checkpoints'})" if run.workdir else ""
+            raise FloatingPointError(f"loss is {loss} at step {step} (epoch {self.epoch}, batch {i + 1}), "
+                                     f"lr {lr:g}; stopping{where}")
+        n = run.config.batch_size  # the global batch
+        self.sums[:] += (loss * n, acc * n, n)
+        h = run.history["batch"]
+        h["step"].append(step), h["epoch"].append(self.epoch - 1 + (i + 1) / run.steps_per_epoch)
+        h["loss"].append(loss), h["accuracy"].append(acc), h["lr"].append(lr)
+        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2g}",
+                             img_s=f"{(self.sums[2] - self.counted0) / (time.perf_counter() - self.start):.0f}",
+                             refresh=False)
+        if run.on_step is not None:
+            run.on_step(self.epoch, i + 1, {"loss": loss, "accuracy": acc, "lr": lr})
+
+    def epoch_record(self) -> dict:
+        elapsed = time.perf_counter() - self.start
+        return {"epoch": self.epoch, "train_loss": float(self.sums[0] / self.sums[2]),
+                "train_accuracy": float(self.sums[1] / self.sums[2]), "val_loss": None, "val_accuracy": None,
+                "lr": self.run.history["batch"]["lr"][-1], "time_s": elapsed,
+                "images_per_s": float((self.sums[2] - self.counted0) / elapsed)}
+
+
+def _train_epoch(run: _Run, state: TrainState, train_data: data.BatchSource, epoch: int,
+                 resume_at: dict | None) -> tuple[TrainState, dict]:
+    """One epoch of steps (from a mid-epoch save's batch when resuming), with its mid-epoch saves."""
+    batches, done = _epoch_batches(run, train_data, epoch, resume_at)
+    meter = _EpochMeter(run, epoch, int(state.step) - done, done)
+    meter.bar = tqdm(batches, total=run.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{run.config.epochs}",
+                     unit="batch", disable=run.quiet, leave=False, dynamic_ncols=True)
+    every = run.config.checkpoint_every_steps if run.checkpoints is not None else None
+    pending = None  # the previous step's metrics: read after the next step is dispatched, so the device never
+    for i, batch in enumerate(meter.bar, start=done):  # idles while the host gathers a batch or writes history
+        state, metrics = run.train_fn(state, parallel.shard_batch(batch, run.mesh))
         if pending is not None:
-            record_step(*pending)
-        if hasattr(batches, "close"):
-            batches.close()
-        lr = history["batch"]["lr"][-1]
-        elapsed = time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2]),
-                  "val_loss": None, "val_accuracy": None, "lr": lr, "time_s": elapsed,
-                  "images_per_s": float((sums[2] - counted0) / elapsed)}
-        if val_data is not None:
-            val = _evaluate(eval_fn, state, val_data, config.eval_batch_size, mesh)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            if state.plateau is not None or state.early_stopping is not None:
-                # the rules run eagerly on this process's copy (host-side numbers), then go back to the mesh
-                new, best_params = _end_of_epoch_rules(parallel.unreplicate(state), config, base_lr, val, epoch,
-                                                       best_params)
-                state = new if mesh.is_multi_process is False else parallel.replicate(new, mesh)
-        for k, v in record.items():
-            history["epoch"][k].append(v)
-        _log("epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
-             + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
-             + f" | lr {lr:.3g} | {elapsed:.0f} s, {record['images_per_s']:.0f} img/s")
-        if workdir is not None:
-            if distributed.is_main_process():
-                ckpt.write_json(workdir / "history.json", history)
-            metrics = None if val_data is None else {"val_accuracy": record["val_accuracy"],
-                                                      "neg_val_loss": -record["val_loss"]}
-            checkpoints.save(epoch, state, {"epoch": epoch, "history": history}, metrics)
-    return state, best_params
+            meter.record(*pending)
+        pending = (i, metrics)
+        if every and (i + 1) % every == 0 and i + 1 < run.steps_per_epoch:
+            meter.record(*pending)
+            pending = None
+            run.checkpoints.save_partial(int(state.step), state, {"epoch": epoch, "batch": i + 1,
+                                                                  "history": run.history,
+                                                                  "data_state": batches.get_state()})
+    if pending is not None:
+        meter.record(*pending)
+    batches.close()
+    return state, meter.epoch_record()
 
 
-def _end_of_epoch_rules(state: TrainState, config: FitConfig, base_lr: float, val: dict, epoch: int,
-                        best_params: Any) -> tuple[TrainState, Any]:
+def _end_epoch(run: _Run, state: TrainState, val_data: data.BatchSource | None, record: dict) -> TrainState:
+    """Validation, the epoch rules, the history entry, the epoch's line and its checkpoint."""
+    if val_data is not None:
+        val = _evaluate(run.eval_fn, state, val_data, run.config.eval_batch_size, run.mesh)
+        record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        if state.plateau is not None or state.early_stopping is not None:
+            # the rules run eagerly on this process's copy (host-side numbers), then go back to the mesh
+            new = _end_of_epoch_rules(run, parallel.unreplicate(state), val, record["epoch"])
+            state = new if run.mesh.is_multi_process is False else parallel.replicate(new, run.mesh)
+    for k, v in record.items():
+        run.history["epoch"][k].append(v)
+    _log("epoch {epoch}: train loss {train_loss:.4f} acc {train_accuracy:.4f}".format(**record)
+         + ("" if val_data is None else " | val loss {val_loss:.4f} acc {val_accuracy:.4f}".format(**record))
+         + f" | lr {record['lr']:.3g} | {record['time_s']:.0f} s, {record['images_per_s']:.0f} img/s")
+    if run.checkpoints is not None:
+        if distributed.is_main_process():
+            ckpt.write_json(run.workdir / "history.json", run.history)
+        metrics = None if val_data is None else {"val_accuracy": record["val_accuracy"],
+                                                  "neg_val_loss": -record["val_loss"]}
+        run.checkpoints.save(record["epoch"], state, {"epoch": record["epoch"], "history": run.history}, metrics)
+    return state
+
+
+def _end_of_epoch_rules(run: _Run, state: TrainState, val: dict, epoch: int) -> TrainState:
     """The plateau lr rule and early stopping, applied after each epoch's validation."""
     if state.plateau is not None:
         plateau = optim.plateau_update(state.plateau, val["accuracy"])
-        lr = base_lr * float(optim.plateau_scale(plateau))
+        lr = run.base_lr * float(optim.plateau_scale(plateau))
         state = state.replace(plateau=plateau, opt_state=optim.set_lr(state.opt_state, lr))
     if state.early_stopping is not None:
         early, improved = optim.early_stopping_update(state.early_stopping, val["loss"], epoch,
-                                                      patience=config.early_stopping_patience)
+                                                      patience=run.config.early_stopping_patience)
         state = state.replace(early_stopping=early)
         if improved:
-            best_params = jax.tree_util.tree_map(lambda x: x.copy(), (state.params, state.batch_stats))
-    return state, best_params
+            run.best = jax.tree_util.tree_map(lambda x: x.copy(), (state.params, state.batch_stats))
+    return state
+
+
+def _best_of_early_stopping(run: _Run, state: TrainState) -> TrainState:
+    """With early stopping, ``state`` with its best epoch's parameters (from disk when that epoch came
+    before a resume); else ``state``."""
+    if state.early_stopping is None:
+        return state
+    best = run.best
+    if best is None and run.checkpoints is not None and run.checkpoints.best_epoch() is not None:
+        restored = run.checkpoints.restore(state, best=True)[0]
+        best = (restored.params, restored.batch_stats)
+    if best is None:
+        return state
+    _log(f"restoring the parameters of epoch {int(state.early_stopping.best_epoch)} "
+         f"(lowest val loss {float(state.early_stopping.best_loss):.4f})")
+    return state.replace(params=best[0], batch_stats=best[1])
 
 
 def _log(message: str) -> None:

@@ -253,3 +253,22 @@ def test_color_jitter_saturation_leaves_grey_images_grey_and_all_outputs_stay_in
     np.testing.assert_allclose(out, grey, atol=1e-3)  # torchvision's grey weights sum to 0.9999
     jittered = np.asarray(augment.color_jitter(KEY, BATCH_U8, brightness=0.8, contrast=0.8, saturation=0.8))
     assert jittered.dtype == np.float32 and jittered.min() >= 0.0 and jittered.max() <= 1.0
+
+
+def test_translate_moves_the_content_with_zeros_coming_in_and_the_tta_views_weigh_to_one():
+    x = (np.arange(2 * 5 * 6, dtype=np.uint8).reshape(2, 5, 6, 1) + 1)
+    expected = np.zeros_like(x)
+    expected[:, 2:, :-1] = x[:, :-2, 1:]  # 2 rows down, 1 column left
+    np.testing.assert_array_equal(augment.translate(jnp.asarray(x), 2, -1), expected)
+    np.testing.assert_array_equal(augment.flip(jnp.asarray(x)), x[:, :, ::-1])
+    for level, count in ((0, 1), (1, 2), (2, 6)):
+        views = augment.tta_views(level)
+        assert len(views) == count and sum(w for w, _ in views) == pytest.approx(1.0)
+    weights, views = zip(*augment.tta_views(2))
+    assert weights == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    up_left = np.zeros_like(x)
+    up_left[:, :-2, :-2] = x[:, 2:, 2:]
+    np.testing.assert_array_equal(views[2](jnp.asarray(x)), up_left)
+    np.testing.assert_array_equal(views[4](jnp.asarray(x)), up_left[:, :, ::-1])  # mirrored after the move
+    with pytest.raises(ValueError, match=r"tta level must be one of \(0, 1, 2\), got 3"):
+        augment.tta_views(3)

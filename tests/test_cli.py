@@ -28,7 +28,7 @@ def _run(module: str, *args: str, cwd: Path = ROOT, data_dir: Path | None = None
 
 # the options each command's --help must list (beside --help itself)
 HELP_FLAGS = {
-    "cifar_vgg": ("--data-dir", "--epochs", "--limit", "--workdir", "--seed"),
+    "cifar_vgg": ("--data-dir", "--epochs", "--limit", "--workdir", "--seed", "--warmup", "--ema-decay", "--tta"),
     "cifar_cnn": ("--data-dir", "--epochs", "--limit", "--workdir", "--seed"),
     "mnist": ("--data-dir", "--limit", "--workdir", "--batch-size", "--epochs", "--lr", "--compare-half-lr"),
     "lr_range": ("--data-dir", "--limit", "--workdir", "--batch-size", "--min-lr", "--max-lr"),
@@ -63,6 +63,10 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("cifar_vgg", "--val-fraction", "0", "must be in (0, 1)"),
     ("cifar_vgg", "--val-fraction", "1", "must be in (0, 1)"),
     ("cifar_vgg", "--plateau-patience", "-2", "must be >= 0"),
+    ("cifar_vgg", "--warmup", "1", "must be in [0, 1)"),
+    ("cifar_vgg", "--ema-decay", "-0.1", "must be in [0, 1)"),
+    ("cifar_vgg", "--tta", "3", "expected one of 0, 1, 2"),
+    ("cifar_vgg", "--warmup", "0.3", "applies to --schedule cosine, not onecycle"),
     ("cifar_cnn", "--epochs", "0", "must be >= 1"),
     ("cifar_cnn", "--loss-window", "0", "must be >= 1"),
     ("mnist", "--lr", "0", "finite number > 0"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import sys
 import tarfile
 from pathlib import Path
@@ -527,17 +528,42 @@ def test_num_batches_counts_the_partial_batch_unless_dropped():
         data.num_batches(10, 0)
 
 
-def test_iterate_batches_gathers_uint8_and_int32_and_resumes_at_start_batch():
+def test_dataset_batches_gather_uint8_and_int32_and_resume_at_start_batch_or_from_their_state():
     dataset = toy_dataset(11)
-    full = list(data.iterate_batches(dataset, 3, seed=5, epoch=1))
+    full = list(dataset.batches(3, seed=5, epoch=1))
     assert [b["image"].shape for b in full] == [(3, 1, 1, 1)] * 3 + [(2, 1, 1, 1)]
     assert full[0]["image"].dtype == np.uint8 and full[0]["label"].dtype == np.int32
     expected = data.batch_indices(11, 3, seed=5, epoch=1)
     for batch, indices in zip(full, expected):
         assert batch["image"].reshape(-1).tolist() == indices.tolist()
         assert batch["label"].tolist() == (indices % 4).tolist()
-    resumed = list(data.iterate_batches(dataset, 3, seed=5, epoch=1, start_batch=2))
+    resumed = list(dataset.batches(3, seed=5, epoch=1, start_batch=2))
     assert len(resumed) == 2
     assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(resumed, full[2:]))
+    iterator = dataset.batches(3, seed=5, epoch=1)
+    head = [next(iterator)]
+    saved = json.loads(json.dumps(iterator.get_state()))  # what a mid-epoch checkpoint keeps
+    assert saved["batch"] == 1 and len(iterator) == 3
+    again = dataset.batches(3, seed=5, epoch=1)
+    again.set_state(saved)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(head + list(again), full, strict=True))
+    with pytest.raises(ValueError, match="another epoch or layout"):
+        dataset.batches(3, seed=5, epoch=2).set_state(saved)
     with pytest.raises(ValueError, match=r"start_batch must be in \[0, 4\] for this epoch, got 5"):
-        data.iterate_batches(dataset, 3, start_batch=5)  # raised at the call, before iterating
+        dataset.batches(3, start_batch=5)  # raised at the call, before iterating
+
+
+def test_features_batch_their_vectors_as_a_batch_source_and_the_last_padded_batch_repeats_the_last_row():
+    dataset = toy_dataset(11)
+    features = data.Features(np.arange(22, dtype=np.float32).reshape(11, 2), dataset.labels, dataset.class_names)
+    assert isinstance(dataset, data.BatchSource) and isinstance(features, data.BatchSource)
+    assert isinstance(features.batches(4), data.EpochBatches)
+    batches = list(features.padded_batches(4))
+    assert [b["image"].shape for b in batches] == [(4, 2)] * 3
+    np.testing.assert_array_equal(batches[-1]["mask"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(batches[-1]["image"][-1], features.features[-1])
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:11], dataset.labels)
+    np.testing.assert_array_equal(next(features.batches(4, seed=2, epoch=1))["image"],
+                                  features.features[data.batch_indices(11, 4, seed=2, epoch=1)[0]])
+    with pytest.raises(TypeError, match="a data set batches itself"):
+        data.padded_batches(dataset, 4)

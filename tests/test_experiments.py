@@ -21,35 +21,54 @@ def _run(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None) -> 
                           timeout=600, env=env)
 
 
-@needs_data
-def test_cifar_vgg_quick_look_of_its_docstring_runs_as_shown(tmp_path):
-    """``python -m experiments.cifar_vgg --limit 512 --epochs 1``, exactly (3 steps of the default one-cycle
-    schedule, the data from $JAXVGG_DATA_DIR), then --resume, then its VGG-A as a transfer backbone."""
-    command = "python -m experiments.cifar_vgg --limit 512 --epochs 1"
-    assert command in importlib.import_module("experiments.cifar_vgg").__doc__
+QUICK_LOOK = "python -m experiments.cifar_vgg --limit 512 --epochs 1"  # the docstring's quick look
+
+
+@pytest.fixture(scope="module")
+def quick_look(tmp_path_factory) -> tuple[Path, dict]:
+    """The cifar_vgg quick look, run once for the tests below: (its folder, the environment it ran in)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    folder = tmp_path_factory.mktemp("quick_look")
     env = {**os.environ, "JAXVGG_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT)}
-    out = _run("experiments.cifar_vgg", *command.split()[3:], cwd=tmp_path, env=env)
+    out = _run("experiments.cifar_vgg", *QUICK_LOOK.split()[3:], cwd=folder, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    workdir = tmp_path / "runs" / "cifar_vgg"
+    return folder, env
+
+
+def test_cifar_vgg_quick_look_of_its_docstring_runs_as_shown(quick_look):
+    """``python -m experiments.cifar_vgg --limit 512 --epochs 1``, exactly (3 steps of the default one-cycle
+    schedule, the data from $JAXVGG_DATA_DIR), leaves every file its docstring names."""
+    assert QUICK_LOOK in importlib.import_module("experiments.cifar_vgg").__doc__
+    workdir = quick_look[0] / "runs" / "cifar_vgg"
     summary = json.loads((workdir / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
     assert summary["n_examples"] == 512 and summary["policy"]["forms"] in ("cpu", "native")
+    assert summary["wall_time_s"] >= summary["train_time_s"] > 0
     assert len(json.loads((workdir / "history.json").read_text())["batch"]["lr"]) == 3
     assert set(summary["superclass"]["within_group_error_fraction"]) == {"vehicle", "animal"}
     for name in ("config.json", "history.json", "history.png", "confusion_matrix.png", "test_samples.png",
                  "report.md"):
         assert (workdir / name).stat().st_size > 0, name
     assert (workdir / "checkpoints" / "last" / "1").is_dir()
-    # --resume with the same config finds the finished epoch and only re-evaluates
+
+
+def test_cifar_vgg_resumed_after_its_last_epoch_only_reevaluates(quick_look):
+    folder, env = quick_look
     again = _run("experiments.cifar_vgg", "--limit", "512", "--epochs", "1", "--quiet", "true", "--resume", "true",
-                 cwd=tmp_path, env=env)
+                 cwd=folder, env=env)
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stdout + again.stderr
+    history = json.loads((folder / "runs" / "cifar_vgg" / "history.json").read_text())
+    assert len(history["batch"]["lr"]) == 3  # no step trained again
 
-    # its VGG-A as a frozen backbone: a new head on MNIST (the real transfer run of the README, in small)
+
+def test_vgga_transfer_trains_a_new_head_on_the_quick_looks_vgga(quick_look, tmp_path):
+    """Its VGG-A as a frozen backbone: a new head on MNIST (the real transfer run of the README, in small)."""
     transfer = tmp_path / "transfer"
-    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
-               "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir", str(transfer), "--quiet", "true")
+    out = _run("experiments.vgga_transfer", "--backbone", str(quick_look[0] / "runs" / "cifar_vgg"), "--data-dir",
+               str(SHARED_DATA / "mnist"), "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir",
+               str(transfer), "--quiet", "true")
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads((transfer / "summary.json").read_text())
     assert summary["backbone_epoch"] == 1 and summary["backbone_checkpoint"] == "best"
@@ -59,11 +78,13 @@ def test_cifar_vgg_quick_look_of_its_docstring_runs_as_shown(tmp_path):
         assert (transfer / name).stat().st_size > 0, name
     assert summary["layer"] == "classifier_4" and summary["feature_width"] == 4096
 
-    # --layer: the head on block 4's max-pool (2x2x512, flattened) instead of classifier.4
+
+def test_vgga_transfer_layer_puts_the_head_on_block_4s_max_pool(quick_look, tmp_path):
+    """--layer features_15: the head on block 4's max-pool (2x2x512, flattened) instead of classifier.4."""
     on_conv = tmp_path / "transfer_conv"
-    out = _run("experiments.vgga_transfer", "--backbone", str(workdir), "--data-dir", str(SHARED_DATA / "mnist"),
-               "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir", str(on_conv), "--quiet", "true",
-               "--layer", "features_15")
+    out = _run("experiments.vgga_transfer", "--backbone", str(quick_look[0] / "runs" / "cifar_vgg"), "--data-dir",
+               str(SHARED_DATA / "mnist"), "--limit", "200", "--epochs", "1", "--batch-size", "32", "--workdir",
+               str(on_conv), "--quiet", "true", "--layer", "features_15")
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads((on_conv / "summary.json").read_text())
     assert summary["layer"] == "features_15" and summary["feature_width"] == 2 * 2 * 512

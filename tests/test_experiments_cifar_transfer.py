@@ -122,7 +122,7 @@ def test_vgg16_transfer_cached_features_smoke_run(transfer_inputs, tmp_path):
         assert all(len(list((split / name / c).iterdir())) == per_class for c in CLASSES), name
     summary = json.loads((workdir / "summary.json").read_text())
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
-    assert summary["top5_accuracy"] == 1.0 and summary["top_k"] == 3  # 3 classes: top-3 always hits
+    assert summary["top_k_accuracy"] == 1.0 and summary["top_k"] == 3  # 3 classes: top-3 always hits
     assert summary["n_examples"] == 6 and summary["cached_features"] is True
     assert (summary["parameters"], summary["trainable_parameters"]) == VGG16_TRANSFER_3_CLASSES
     for name in ("history.json", "history.png", "confusion_matrix.png", "per_class_vs_count.png",

@@ -190,7 +190,7 @@ def test_allocator_environment(monkeypatch, tmp_path):
         runtime.requested_allocator()
 
 
-def test_fast_environment(monkeypatch, tmp_path, capsys):
+def test_fast_environment(monkeypatch, tmp_path):
     fake = tmp_path / "libtcmalloc_minimal.so.4"
     fake.write_bytes(b"")
     monkeypatch.setattr(runtime, "LIBRARY_DIRS", (str(tmp_path),))
@@ -202,11 +202,6 @@ def test_fast_environment(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(runtime.ALLOCATOR_ENV, "system")
     env = runtime.fast_environ({})
     assert "LD_PRELOAD" not in env and "XLA_FLAGS" not in env
-    # the removed one-device-per-core option is ignored, with a note that says how to get it by hand
-    monkeypatch.setenv(runtime.REMOVED_CPU_DEVICES_ENV, "auto")
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    runtime.reexec_with_fast_runtime()  # the system allocator is already in place: no re-exec
-    assert "JAXVGG_CPU_DEVICES=auto is ignored" in capsys.readouterr().err
 
 
 def test_auto_num_devices_keeps_big_networks_on_one_cpu_device(monkeypatch):

@@ -50,11 +50,12 @@ def test_stream_reads_the_in_memory_readers_batches_and_resumes_from_its_state(t
     memory = data.load_image_folder(root, 32)
     stream = ImageFolderStream(root, 32, workers=workers)
     assert len(stream) == len(memory) == 39 and stream.class_names == memory.class_names
+    assert isinstance(stream, data.BatchSource)
     np.testing.assert_array_equal(stream.labels, memory.labels)
     for rows in (None, slice(0, 4), slice(4, 8)):  # the whole batch, and each of 2 processes' shares
         _assert_same_batches(list(stream.batches(8, seed=3, epoch=2, drop_last=True, rows=rows)),
-                             list(data.iterate_batches(memory, 8, seed=3, epoch=2, drop_last=True, rows=rows)))
-        _assert_same_batches(list(data.padded_batches(stream, 10, rows)), list(data.padded_batches(memory, 10, rows)))
+                             list(memory.batches(8, seed=3, epoch=2, drop_last=True, rows=rows)))
+        _assert_same_batches(list(stream.padded_batches(10, rows)), list(memory.padded_batches(10, rows)))
     assert not np.array_equal(next(stream.batches(8, seed=3, epoch=1))["label"],
                               next(stream.batches(8, seed=3, epoch=2))["label"])  # a new order each epoch
 
@@ -79,7 +80,7 @@ def test_stream_center_crop_is_the_evaluation_transforms_crop(tmp_path):
     root = make_folder(tmp_path / "folder", per_class=3)
     stream = ImageFolderStream(root, 256, crop=224)
     assert stream.image_shape == (224, 224, 3) and stream.subset([1, 0]).crop == (224, 224)
-    batch = next(iter(data.padded_batches(stream, 9)))
+    batch = next(iter(stream.padded_batches(9)))
     memory = data.load_image_folder(root, 256)
     assert batch["image"].shape == (9, 224, 224, 3) and batch["image"].dtype == np.uint8
     np.testing.assert_array_equal(batch["image"], memory.images[:, 16:240, 16:240])  # torchvision's offsets

@@ -172,7 +172,7 @@ def test_suggestion_on_noisy_marked_digits_trains_better_than_a_much_smaller_or_
     loss_after_one_epoch = {}
     for lr in (result.suggested_lr / 100, result.suggested_lr, result.suggested_lr * 100):
         state = _linear_state(optim.sgd(lr, momentum=0.9))
-        for batch in data.iterate_batches(dataset, 16, seed=1, epoch=0, drop_last=True):
+        for batch in dataset.batches(16, seed=1, epoch=0, drop_last=True):
             state, _ = step(state, batch)
         loss_after_one_epoch[lr] = evaluate(state, dataset, lambda x: _normalize(None, x))["loss"]
     too_small, suggested, too_large = loss_after_one_epoch.values()

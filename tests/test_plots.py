@@ -1,4 +1,4 @@
-"""Each plot of jaxvgg.plots writes a real, non-blank PNG; write_report shows the numbers and figures."""
+"""Each plot of jaxvgg.plots writes a real, non-blank PNG."""
 
 from pathlib import Path
 
@@ -153,31 +153,3 @@ def test_plot_moving_mean_loss_writes_a_png(tmp_path):
 def test_plot_image_grid_rejects_images_that_do_not_match_the_labels(tmp_path):
     with pytest.raises(ValueError, match="images has 2 entries but true_labels has 3"):
         plots.plot_image_grid(random_images(2, 3), [0, 1, 2], [0, 1, 2], CLASS_NAMES, tmp_path / "bad.png")
-
-
-def test_write_report_contains_every_number_and_links_every_figure(tmp_path):
-    labels = np.array([0, 0, 1, 1, 2, 3, 3])
-    preds = np.array([0, 1, 1, 1, 3, 3, 2])
-    probs = np.full((7, 4), 0.1)
-    probs[np.arange(7), preds] = 0.7
-    summary = metrics.summarize_classification(labels, probs, CLASS_NAMES, groups={"vehicle": [0, 1], "animal": [2, 3]})
-    summary["n_epochs"] = 3
-    figures_dir = tmp_path / "figures"
-    cm = np.array(summary["confusion_matrix"])
-    figure = plots.plot_confusion_matrix(cm, CLASS_NAMES, figures_dir / "confusion.png")
-
-    report = plots.write_report(tmp_path, "Toy run", summary, [figure], extra_md="## Notes\n\nhand-made data")
-
-    assert report == tmp_path / "report.md"
-    text = report.read_text()
-    assert text.startswith("# Toy run")
-    assert "| accuracy | 0.571429 |" in text  # 4/7
-    assert "| n_epochs | 3 |" in text
-    assert "| bird | 0 |" in text  # per-class accuracy of bird
-    assert "| true \\ predicted | plane | car | bird | cat |" in text  # confusion matrix header from class_names
-    assert "| plane | 1 | 1 | 0 | 0 |" in text  # its first row
-    assert "| true \\ predicted | vehicle | animal |" in text  # superclass matrix labelled by group_names
-    assert "| plane | car | 1 |" in text  # most confused pair row
-    assert "![confusion](figures/confusion.png)" in text
-    assert (tmp_path / "figures" / "confusion.png").exists()
-    assert text.rstrip().endswith("hand-made data")

@@ -54,6 +54,17 @@ def test_cosine_warmup_rises_linearly_from_zero_then_decays():
         optim.make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=5, warmup_epochs=5)
 
 
+def test_cosine_warmup_fraction_is_the_closed_form_of_a_linear_rise_then_a_half_cosine():
+    schedule = optim.make_schedule("cosine", 0.2, steps_per_epoch=10, epochs=4, warmup_fraction=0.3)  # W=12, T=40
+    t = np.arange(41)
+    expected = np.where(t < 12, 0.2 * t / 12, 0.2 * (1 + np.cos(np.pi * (t - 12) / 28)) / 2)
+    np.testing.assert_allclose(_lrs(schedule, 41), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="warmup_fraction must be in"):
+        optim.make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=5, warmup_fraction=1.0)
+    with pytest.raises(ValueError, match="not beside warmup_epochs"):
+        optim.make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=5, warmup_fraction=0.1, warmup_epochs=1)
+
+
 def test_onecycle_rises_to_base_lr_then_falls_to_its_floor():
     lrs = _lrs(optim.make_schedule("onecycle", 0.1, steps_per_epoch=10, epochs=10), 100)
     assert lrs[0] == pytest.approx(0.1 / 25, rel=1e-6)

@@ -54,14 +54,52 @@ def test_baseline_rejects_a_bad_flag_naming_it():
     assert _run("--help").returncode == 0
 
 
+def test_baseline_schedule_moving_average_and_test_views_are_jaxvggs():
+    import torch
+
+    from jaxvgg import optim
+
+    baseline = _load()
+    factor = baseline.warmup_cosine(40, 0.3)
+    ours = optim.make_schedule("cosine", 0.2, steps_per_epoch=10, epochs=4, warmup_fraction=0.3)
+    np.testing.assert_allclose([0.2 * factor(t) for t in range(41)], [float(ours(t)) for t in range(41)], atol=1e-7)
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    theirs = baseline.tta_views(images, 2)
+    for (w, view), (ow, our_view) in zip(theirs, augment.tta_views(2), strict=True):
+        assert w == ow
+        np.testing.assert_array_equal(view, np.asarray(our_view(jnp.asarray(images))))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = baseline.EMA(model, 0.9)
+    before = {k: v.detach().numpy().copy() for k, v in ema.model.state_dict().items()}
+    model.train()
+    model(torch.randn(4, 3))  # moves the running statistics and counts a batch
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model, step=3)
+    after = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    expected = optim.ema_update(before, after, 0.9, 3)
+    for k, v in ema.model.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 @needs_data
-def test_baseline_trains_on_real_cifar10_and_writes_its_history(tmp_path):
-    out_file = tmp_path / "torch.json"
-    out = _run("--data-dir", str(SHARED_DATA), "--limit", "300", "--epochs", "2", "--batch-size", "64",
-               "--dropout", "0", "--threads", "2", "--out", str(out_file))
+def test_baseline_trains_on_real_cifar10_resumes_from_its_checkpoint_and_writes_its_history(tmp_path):
+    out_file, workdir = tmp_path / "torch.json", tmp_path / "run"
+    flags = ("--data-dir", str(SHARED_DATA), "--limit", "300", "--batch-size", "64", "--dropout", "0", "--threads",
+             "2", "--schedule", "cosine", "--warmup", "0.3", "--ema-decay", "0.9", "--workdir", str(workdir))
+    first = _run(*flags, "--epochs", "1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (workdir / "checkpoint.pt").is_file()
+    refused = _run(*flags, "--epochs", "2")
+    assert refused.returncode != 0 and "pass --resume 1" in refused.stderr
+    out = _run(*flags, "--epochs", "2", "--resume", "1", "--tta", "2", "--out", str(out_file))
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed from" in out.stdout
     result = json.loads(out_file.read_text())
     assert [r["epoch"] for r in result["history"]] == [1, 2] and result["model"] == "vgg11_bn"
     assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_accuracy"] <= 1 for r in result["history"])
     assert 0.0 <= result["test"]["accuracy"] <= 1.0 and result["test"]["loss"] > 0
-    assert "test accuracy" in out.stdout
+    assert 0.0 <= result["tta"]["accuracy"] <= 1.0 and "test accuracy" in out.stdout

@@ -59,3 +59,37 @@ def test_current_lr_reads_the_injected_learning_rate():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         optim.create_optimizer("rmsprop", 0.1)
+
+
+def test_ema_of_the_weights_follows_the_closed_form_recursion_and_is_what_evaluation_applies():
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.standard_normal((8, 28, 28, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+    model = jaxvgg.create_model("mnist_linear")
+    params = jaxvgg.init_params("mnist_linear", jax.random.key(0))
+    plain = TrainState.for_model("mnist_linear", model, params, optim.sgd(0.05), rng=jax.random.key(1))
+    state = TrainState.for_model("mnist_linear", model, params, optim.sgd(0.05), rng=jax.random.key(1), ema_decay=0.9)
+    expected = np.asarray(params["params"]["fc"]["kernel"], np.float64)
+    step = jax.jit(train_step)
+    for t in range(1, 5):
+        state, _ = step(state, batch)
+        plain, _ = step(plain, batch)
+        d = min(0.9, (1 + t) / (10 + t))  # TensorFlow's num_updates warm-up: 2/11, 3/12, 4/13, 5/14 < 0.9
+        expected = d * expected + (1 - d) * np.asarray(state.params["fc"]["kernel"], np.float64)
+        np.testing.assert_allclose(state.ema[0]["fc"]["kernel"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(state.params["fc"]["kernel"], plain.params["fc"]["kernel"])  # training unchanged
+    averaged = eval_step(state, batch)
+    by_hand = eval_step(plain.replace(params=state.ema[0]), batch)
+    assert float(averaged["loss_sum"]) == float(by_hand["loss_sum"])
+    assert float(averaged["loss_sum"]) != float(eval_step(plain, batch)["loss_sum"])
+    assert optim.ema_decay_at(0.9, 1000) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        TrainState.for_model("mnist_linear", model, params, optim.sgd(0.05), rng=jax.random.key(1), ema_decay=1.0)
+
+
+def test_ema_takes_batchnorm_statistics_along_and_copies_their_step_count():
+    average = {"mean": jnp.asarray([0.0, 2.0]), "num_batches_tracked": jnp.asarray(3, jnp.int32)}
+    values = {"mean": jnp.asarray([1.0, 0.0]), "num_batches_tracked": jnp.asarray(4, jnp.int32)}
+    new = optim.ema_update(average, values, 0.5, step=100)
+    np.testing.assert_allclose(new["mean"], [0.5, 1.0])
+    assert int(new["num_batches_tracked"]) == 4 and new["num_batches_tracked"].dtype == jnp.int32
