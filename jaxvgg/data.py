@@ -163,7 +163,16 @@ class _ArraySource:
     """The `BatchSource` methods of a set held as whole arrays (``_inputs``: what a batch's "image" holds)."""
 
     labels: np.ndarray
+    class_names: tuple[str, ...]
     _inputs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
+        return len(self.class_names)
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 drop_last: bool = False, start_batch: int = 0, rows: slice | None = None) -> ArrayBatches:
@@ -227,17 +236,9 @@ class Dataset(_ArraySource):
         object.__setattr__(self, "labels", labels.astype(np.int32, copy=False))
         object.__setattr__(self, "class_names", class_names)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     @property
     def _inputs(self) -> np.ndarray:
         return self.images
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(class_names)``)."""
-        return len(self.class_names)
 
     def subset(self, indices) -> Dataset:
         """The examples at ``indices`` (any numpy index: int array, bool mask, slice), same classes.
@@ -743,17 +744,9 @@ class Features(_ArraySource):
     labels: np.ndarray
     class_names: tuple[str, ...]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     @property
     def _inputs(self) -> np.ndarray:
         return self.features
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(class_names)``)."""
-        return len(self.class_names)
 
 
 def pad_batch(batch: dict, multiple: int) -> dict:
