@@ -97,6 +97,7 @@ class BatchSource(Protocol):
     ``{"image": (b, ...) inputs, "label": int32 (b,)}``, plus ``"mask"`` float32 (b,) in padded batches.
     """
 
+    labels: np.ndarray  # int32 (N,), in the order padded_batches gives the examples
     class_names: tuple[str, ...]
 
     def __len__(self) -> int: ...
