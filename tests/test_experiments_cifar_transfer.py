@@ -64,23 +64,39 @@ def test_cifar_cnn_one_epoch_smoke_run_writes_metrics_and_plots(tmp_path):
         assert (workdir / name).stat().st_size > 0, name
 
 
-@needs_data
-def test_cifar_cnn_in_bf16_records_its_precision_resumes_and_refuses_another(tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory) -> tuple[Path, tuple]:
+    """One epoch of the CIFAR CNN in bfloat16 on 300 images, for the tests below: (its workdir, its flags)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    workdir = tmp_path_factory.mktemp("bf16") / "run"
     common = ("--data-dir", str(SHARED_DATA), "--limit", "300", "--workdir", str(workdir), "--quiet", "true")
     out = _run("experiments.cifar_cnn", *common, "--epochs", "1", "--precision", "bf16")
     assert out.returncode == 0, out.stdout + out.stderr
+    return workdir, common
+
+
+def test_cifar_cnn_in_bf16_records_its_precision(bf16_run):
+    workdir, _ = bf16_run
     config = json.loads((workdir / "config.json").read_text())
     summary = json.loads((workdir / "summary.json").read_text())
     for record in (config, summary):
         assert record["precision"] == "bf16" and record["policy"]["dtype"] == "bfloat16"
     assert config["policy"]["gemm"] == "xla"  # MKL's products are float32 ones
-    # history and checkpoints work as in float32: resume continues the run to epoch 2
+
+
+def test_cifar_cnn_in_bf16_resumes_to_a_second_epoch(bf16_run):
+    """History and checkpoints work as in float32: resume continues the run to epoch 2."""
+    workdir, common = bf16_run
     out = _run("experiments.cifar_cnn", *common, "--epochs", "2", "--precision", "bf16", "--resume", "true")
     assert out.returncode == 0, out.stdout + out.stderr
     history = json.loads((workdir / "history.json").read_text())
     assert history["epoch"]["epoch"] == [1, 2] and all(np.isfinite(history["batch"]["loss"]))
-    # a run is one precision: resuming it in float32 is refused before any work
+
+
+def test_cifar_cnn_run_in_bf16_refuses_to_resume_in_float32(bf16_run):
+    """A run is one precision: resuming it in float32 is refused before any work."""
+    workdir, common = bf16_run
     out = _run("experiments.cifar_cnn", *common, "--epochs", "3", "--precision", "fp32", "--resume", "true")
     assert out.returncode == 2 and "precision: 'bf16' -> 'fp32'" in out.stderr, out.stderr
 
