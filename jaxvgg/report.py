@@ -17,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -33,14 +32,10 @@ class Predictions:
     """A test set's predictions and scores, as the end-of-run figures and an ``extra`` callback read them."""
 
     log_probs: np.ndarray  # float64 (N, C), rows logsumexp to 0 (`evaluation.predict_log_probs`)
+    probs: np.ndarray  # float64 (N, C), rows summing to 1 (`evaluation.probs_from_log_probs` of them)
     labels: np.ndarray  # int32 (N,)
     class_names: tuple[str, ...]
     scores: dict  # `metrics.summarize_classification` of them
-
-    @cached_property
-    def probs(self) -> np.ndarray:
-        """float64 (N, C), rows summing to 1."""
-        return evaluation.probs_from_log_probs(self.log_probs)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -86,7 +81,7 @@ def evaluate_and_report(state: TrainState, test: data.BatchSource, eval_transfor
         return {}  # process 0 writes every file
     probs = evaluation.probs_from_log_probs(log_probs)
     scores = metrics.summarize_classification(test.labels, probs, test.class_names, groups)
-    predictions = Predictions(log_probs, np.asarray(test.labels), tuple(test.class_names), scores)
+    predictions = Predictions(log_probs, probs, np.asarray(test.labels), tuple(test.class_names), scores)
     figures = [plots.plot_history(history, workdir / "history.png", label=history_label or title),
                plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]), test.class_names,
                                            workdir / "confusion_matrix.png")]
