@@ -29,6 +29,7 @@ from jaxvgg.train import FitConfig
 C = TypeVar("C")
 IMPL_ENV = "JAXVGG_IMPL"  # default conv/pool forms: auto, native, cpu or fast
 GEMM_ENV = "JAXVGG_GEMM"  # default matrix-product backend: auto, xla or mkl
+CONV_ENV = "JAXVGG_CONV"  # default convolution backend: auto, xla or onednn
 
 
 class ConfigError(ValueError):
@@ -283,18 +284,20 @@ def _precision_check(value: str) -> str | None:
 
 
 def default_policy(model: str | None, precision: str = "fp32") -> Policy:
-    """The policy a command runs ``model`` with: ``precision`` (--precision), ``$JAXVGG_IMPL`` forms and
-    ``$JAXVGG_GEMM`` backend (default auto)."""
-    forms, gemm_backend = os.environ.get(IMPL_ENV, "auto") or "auto", os.environ.get(GEMM_ENV, "auto") or "auto"
+    """The policy a command runs ``model`` with: ``precision`` (--precision), ``$JAXVGG_IMPL`` forms,
+    ``$JAXVGG_GEMM`` and ``$JAXVGG_CONV`` backends (default auto), read here, once, before anything traces."""
+    forms, gemm_backend, conv_backend = (os.environ.get(name, "auto") or "auto" for name in (IMPL_ENV, GEMM_ENV,
+                                                                                             CONV_ENV))
     try:
         dtype = resolve_precision(precision)
     except ValueError as e:
         raise ConfigError("precision", str(e), precision) from None
     try:
-        return make_policy(model, forms=forms, gemm_backend=gemm_backend, precision=dtype)
+        return make_policy(model, forms=forms, gemm_backend=gemm_backend, precision=dtype, conv_backend=conv_backend)
     except (ValueError, RuntimeError) as e:
         raise ConfigError("policy", f"{e} (with --precision {precision})" if dtype != "float32" else str(e),
-                          f"{forms}, {gemm_backend}", flag=f"${IMPL_ENV}, ${GEMM_ENV}") from None
+                          f"{forms}, {gemm_backend}, {conv_backend}", flag=f"${IMPL_ENV}, ${GEMM_ENV}, ${CONV_ENV}"
+                          ) from None
 
 
 def policy_record(policy: Policy) -> dict:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvgg import gemm
+from jaxvgg import gemm, onednn
 from jaxvgg.policy import CONV_FORMS, NATIVE, POOL_FORMS, Policy
 
 # --- torch-default initialisers -------------------------------------------------------------
@@ -227,7 +227,8 @@ class Conv2d(nn.Module):
 
     ``kernel`` is (kh, kw, C_in, C_out) and ``bias`` (C_out,), exactly as ``nn.Conv`` names and shapes
     them, so checkpoints and conversion do not depend on the form. The form is ``policy``'s choice for
-    this layer's shapes, or ``form`` when given; the output is in the policy's compute dtype.
+    this layer's shapes, or ``form`` when given, or oneDNN's primitives under the policy's "onednn" conv
+    backend where oneDNN has kernels for the layer; the output is in the policy's compute dtype.
     """
 
     features: int
@@ -244,8 +245,11 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
         out_pixels = (x.shape[1] + 2 * p - k + 1) * (x.shape[2] + 2 * p - k + 1)
-        form = self.form or self.policy.conv_form(out_pixels, train, x.shape[-1], x.shape[1] * x.shape[2], k * k)
-        y = conv(x, kernel, p, form, self.policy.gemm, self.policy.dtype) + bias
+        if self.form is None and self.policy.onednn_conv(x.shape, kernel.shape, p, x.dtype):
+            y = onednn.conv(x, kernel, p, self.policy.dtype) + bias
+        else:
+            form = self.form or self.policy.conv_form(out_pixels, train, x.shape[-1], x.shape[1] * x.shape[2], k * k)
+            y = conv(x, kernel, p, form, self.policy.gemm, self.policy.dtype) + bias
         return y.astype(self.policy.compute_dtype) if mixed(self.policy.dtype) else y
 
 

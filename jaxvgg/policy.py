@@ -1,5 +1,5 @@
-"""How a model runs, as one explicit value: conv/pool forms, matrix-product backend, compute precision,
-XLA compile options.
+"""How a model runs, as one explicit value: conv/pool forms, matrix-product and convolution backends, compute
+precision, XLA compile options.
 
 A `Policy` never changes *what* a network computes (the parity suite runs both the native and the
 fast policy against PyTorch), only how fast. It is a frozen, hashable dataclass held by every model as
@@ -14,8 +14,16 @@ Forms:
     training, im2col in inference for small maps (lax.conv for large ones), the Toeplitz form on maps
     smaller than the kernel's window, the direct form for single-channel inputs in inference; reshape
     max-pools in training; each model's XLA:CPU compile options (`CPU_COMPILER_OPTIONS`).
-  "fast": every CPU fast form forced, in training and inference alike, MKL's products included wherever
-    they are built (the parity suite's second form).
+  "fast": every CPU fast form forced, in training and inference alike, MKL's products and oneDNN's
+    convolutions included wherever they are built (the parity suite's second form).
+
+Conv backend: "xla" (the forms above) or "onednn": every stride-1 convolution that oneDNN has optimised
+kernels for, in the policy's precision, on this CPU, runs as oneDNN's primitives (`jaxvgg.onednn`),
+forward and both backward passes; the others keep their form. "auto" resolves to "xla" (except under the
+"fast" forms, which force it where it runs): on the
+AVX2-only AMD EPYC oneDNN's float32 kernels won on the 16x16 and 8x8 maps of VGG-A by at most 1.2-1.4x
+and lost on the 4x4 and 2x2 ones (docs/performance.md, "oneDNN convolutions"), and its bfloat16 kernels
+(AVX-512 only) are not measured yet.
 
 Precision ("float32" or "bfloat16", flax's ``dtype`` with ``param_dtype`` float32): in bfloat16 every
 convolution and matrix product takes bfloat16 operands and accumulates in float32, forward and backward
@@ -29,16 +37,18 @@ only where the hardware multiplies bfloat16 natively (`bf16_units`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxvgg import gemm
+from jaxvgg import gemm, onednn
 
 FORMS = ("native", "cpu", "fast")
 CONV_FORMS = ("lax", "im2col", "direct", "toeplitz")
+CONV_BACKENDS = ("xla", "onednn")
 POOL_FORMS = ("reduce_window", "reshape")
 MODES = ("train", "infer")
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +82,8 @@ class Policy:
     Attributes:
       forms: "native", "cpu" or "fast" (module docstring).
       gemm: "xla" (XLA's dots) or "mkl" (MKL's sgemm through `jaxvgg.gemm`, float32 products).
+      conv: "xla" (the forms' convolutions) or "onednn" (oneDNN's primitives wherever it has optimised
+        kernels for the layer, `jaxvgg.onednn`; module docstring).
       dtype: compute precision, "float32" or "bfloat16" (module docstring); parameters stay float32.
       train_options / infer_options: XLA compile options for the model's training / inference
         programs, as sorted (name, value) pairs so the policy stays hashable.
@@ -82,12 +94,15 @@ class Policy:
     train_options: tuple[tuple[str, Any], ...] = ()
     infer_options: tuple[tuple[str, Any], ...] = ()
     dtype: str = "float32"
+    conv: str = "xla"
 
     def __post_init__(self):
         if self.forms not in FORMS:
             raise ValueError(f"Policy.forms={self.forms!r}; expected one of {', '.join(FORMS)}")
         if self.gemm not in gemm.BACKENDS:
             raise ValueError(f"Policy.gemm={self.gemm!r}; expected one of {', '.join(gemm.BACKENDS)}")
+        if self.conv not in CONV_BACKENDS:
+            raise ValueError(f"Policy.conv={self.conv!r}; expected one of {', '.join(CONV_BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"Policy.dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.dtype != "float32" and self.gemm == "mkl":
@@ -126,6 +141,14 @@ class Policy:
             return "im2col"
         return "lax"
 
+    def onednn_conv(self, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padding: int,
+                    dtype: Any) -> bool:
+        """Whether a stride-1 layer (NHWC ``x_shape`` of ``dtype``, HWIO ``kernel_shape``) runs on oneDNN: the
+        backend asks for it, the input is float32 or bfloat16 (a float64 run keeps XLA's forms) and oneDNN has
+        optimised kernels for all three passes of this shape in the policy's precision."""
+        return (self.conv == "onednn" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
+                and onednn.supports(tuple(x_shape), tuple(kernel_shape), padding, self.dtype))
+
     def pool_form(self, train: bool) -> str:
         """The 2x2 max-pool form ("reduce_window" or "reshape")."""
         if self.forms == "native":
@@ -143,6 +166,7 @@ class Policy:
         """One line for logs: forms, GEMM and whether compile options are set."""
         options = [mode for mode in MODES if self.compiler_options(mode)]
         return (f"forms {self.forms}, GEMM {self.gemm}, {self.dtype}"
+                + (", oneDNN convs" if self.conv == "onednn" else "")
                 + (f", XLA:CPU options for {' and '.join(options)}" if options else ""))
 
 
@@ -205,7 +229,7 @@ def precision_name(dtype: str) -> str:
 
 def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str = "auto",
                 backend: str | None = None, num_devices: int | None = None,
-                precision: str = "fp32") -> Policy:
+                precision: str = "fp32", conv_backend: str = "auto") -> Policy:
     """Resolves "auto" choices into a `Policy` for ``model`` (a registry name; None: no compile options).
 
     Args:
@@ -219,6 +243,9 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
         no partitioning rule, so several devices keep XLA's dots.
       precision: "fp32" (default), "bf16", or "auto" (`resolve_precision`). In bfloat16, "auto" GEMM is
         XLA's dot (MKL's products are float32 ones).
+      conv_backend: "auto" ("onednn" under the "fast" forms with one device where oneDNN runs the precision,
+        else "xla": module docstring), "xla" or "onednn" (an error where oneDNN's handler is not built or
+        has no optimised kernels for the precision on this CPU).
     """
     backend = backend or jax.default_backend()
     dtype = resolve_precision(precision, backend)
@@ -241,8 +268,22 @@ def make_policy(model: str | None = None, forms: str = "auto", gemm_backend: str
             raise ValueError(f"gemm=mkl runs on the CPU only; the backend is {backend}")
         if gemm.problem() is not None:
             raise RuntimeError(f"gemm=mkl, but {gemm.problem()}")
+    if conv_backend not in ("auto", *CONV_BACKENDS):
+        raise ValueError(f"conv={conv_backend!r}; expected auto or one of {', '.join(CONV_BACKENDS)}")
+    if conv_backend == "auto":
+        # "fast" forces oneDNN wherever it runs, as it forces MKL, so the parity suite's fast column proves
+        # its convolutions on every machine; the custom calls have no partitioning rule: one device only
+        usable = backend == "cpu" and forms == "fast" and num_devices == 1
+        conv_backend = "onednn" if usable and onednn.problem(dtype) is None else "xla"
+        if usable and conv_backend == "xla":
+            warnings.warn(f"the fast forms keep XLA's convolutions: {onednn.problem(dtype)}", stacklevel=2)
+    elif conv_backend == "onednn":
+        if backend != "cpu":
+            raise ValueError(f"conv=onednn runs on the CPU only; the backend is {backend}")
+        if onednn.problem(dtype) is not None:
+            raise RuntimeError(f"conv=onednn, but {onednn.problem(dtype)}")
     # the options were measured in float32; in bfloat16 YNNPACK must stay on: XLA:CPU's own dot kernels
     # do not use the bf16 units (docs/performance.md, "Mixed precision")
     tuned = backend == "cpu" and forms != "native" and dtype == "float32"
     options = {mode: CPU_COMPILER_OPTIONS.get((model, mode), ()) if tuned else () for mode in MODES}
-    return Policy(forms, gemm_backend, options["train"], options["infer"], dtype)
+    return Policy(forms, gemm_backend, options["train"], options["infer"], dtype, conv_backend)

@@ -2,7 +2,8 @@
 
 Every test that builds a model runs twice, once per form of the convolutions, max-pools and matrix
 products (``jaxvgg.policy``): "native" is lax.conv / reduce_window and XLA's dots, "fast" is im2col /
-Toeplitz / direct convs, reshape max-pools, MKL's products where they are built and each model's
+Toeplitz / direct convs, reshape max-pools, MKL's products and oneDNN's convolutions where they are built
+(oneDNN's where it has kernels for the layer and the precision) and each model's
 XLA:CPU options. The test builds its model with ``common.policy(case, impl)``: speed must never
 change the function computed. Tests in
 `FORM_INDEPENDENT_MODULES` / `FORM_INDEPENDENT_TESTS` compute no model output and run once
@@ -24,7 +25,7 @@ pytest.importorskip("torch", reason="parity tests compare against PyTorch: pip i
 
 import jax  # noqa: E402
 
-from jaxvgg import gemm  # noqa: E402
+from jaxvgg import gemm, onednn  # noqa: E402
 from jaxvgg.policy import make_policy  # noqa: E402
 from parity_tests.report import FORMS, markdown_table  # noqa: E402
 
@@ -64,6 +65,9 @@ def impl(request):
     assert (policy.conv_form(4096, False, 3), policy.pool_form(False)) == _EXPECTED[form]
     # and the matrix products: XLA's in the native form, MKL's in the fast one where it is built
     assert policy.gemm == ("mkl" if form == "fast" and gemm.problem() is None and jax.device_count() == 1 else "xla")
+    # and the convolutions: oneDNN's in the fast form where its handler is built (jaxvgg.onednn)
+    assert policy.conv == ("onednn" if form == "fast" and onednn.problem() is None and jax.device_count() == 1
+                           else "xla")
     yield form
 
 

@@ -15,7 +15,8 @@ import pytest
 from experiments.common import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark", "scaling"]
+MODULES = ["cifar_vgg", "cifar_cnn", "mnist", "lr_range", "vgga_transfer", "vgg16_transfer", "benchmark", "scaling",
+           "conv_layers"]
 # the allocator re-exec is the experiments' own business; off here, so each case starts Python once
 ENV = {**os.environ, "JAXVGG_ALLOCATOR": "system", "PYTHONPATH": str(ROOT)}
 
@@ -36,6 +37,7 @@ HELP_FLAGS = {
     "vgg16_transfer": ("--data-root", "--epochs", "--limit", "--workdir", "--weights"),
     "benchmark": ("--models", "--rounds", "--peak-size", "--json"),
     "scaling": ("--part", "--images"),
+    "conv_layers": ("--model", "--image-size", "--batch-size", "--precision", "--rounds", "--json"),
 }
 
 
@@ -90,6 +92,8 @@ BAD_VALUES = [  # (module, flag, value, what the message must say)
     ("mnist", "--heartbeat-timeout", "0", "must be >= 1"),
     ("vgg16_transfer", "--workers", "-1", "must be >= 0"),
     ("scaling", "--images", "0", "must be >= 1"),
+    ("conv_layers", "--steps", "0", "must be >= 1"),
+    ("conv_layers", "--model", "vgg11_bn", "expected one of vgg11, vgg13"),
 ]
 
 
@@ -102,7 +106,7 @@ def test_a_bad_value_is_one_line_naming_the_flag_and_exit_status_2(module, flag,
     monkeypatch.setenv("JAXVGG_ALLOCATOR", "system")  # no re-exec
     # a data set read before the check would fail on this folder with another message
     monkeypatch.setenv("JAXVGG_DATA_DIR", str(tmp_path / "no-data-here"))
-    workdir = [] if module in ("benchmark", "scaling") else ["--workdir", str(tmp_path / "run")]
+    workdir = [] if module in ("benchmark", "scaling", "conv_layers") else ["--workdir", str(tmp_path / "run")]
     main = importlib.import_module(f"experiments.{module}").main
     try:
         code = run_cli(main, [flag, value, *workdir])

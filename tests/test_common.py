@@ -90,7 +90,15 @@ def test_the_default_policy_comes_from_the_environment_at_the_cli_edge(monkeypat
 
     monkeypatch.setenv("JAXVGG_IMPL", "native")
     monkeypatch.setenv("JAXVGG_GEMM", "auto")
+    monkeypatch.delenv("JAXVGG_CONV", raising=False)
     assert default_policy("vgg11").forms == "native" and default_policy("vgg11").gemm == "xla"
+    assert default_policy("vgg11").conv == "xla"
     monkeypatch.setenv("JAXVGG_IMPL", "fastest")
-    with pytest.raises(ConfigError, match=r"^\$JAXVGG_IMPL, \$JAXVGG_GEMM: forms='fastest'.*\(got fastest, auto\)$"):
+    with pytest.raises(ConfigError, match=r"^\$JAXVGG_IMPL, \$JAXVGG_GEMM, \$JAXVGG_CONV: forms='fastest'.*"
+                                          r"\(got fastest, auto, auto\)$"):
+        default_policy("vgg11")
+    monkeypatch.setenv("JAXVGG_IMPL", "cpu")
+    monkeypatch.setenv("JAXVGG_CONV", "cudnn")
+    with pytest.raises(ConfigError, match=r"conv='cudnn'; expected auto or one of xla, onednn.*"
+                                          r"\(got cpu, auto, cudnn\)$"):
         default_policy("vgg11")

@@ -85,6 +85,7 @@ def test_cifar_cnn_in_bf16_records_its_precision(bf16_run):
     assert config["policy"]["gemm"] == "xla"  # MKL's products are float32 ones
 
 
+@pytest.mark.slow  # the CI budget: the bf16 run's first epoch (the test above) stays in CI
 def test_cifar_cnn_in_bf16_resumes_to_a_second_epoch(bf16_run):
     """History and checkpoints work as in float32: resume continues the run to epoch 2."""
     workdir, common = bf16_run

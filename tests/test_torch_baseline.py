@@ -86,6 +86,7 @@ def test_baseline_schedule_moving_average_and_test_views_are_jaxvggs():
 
 
 @needs_data
+@pytest.mark.slow  # the CI budget (48 s on the Zen 3 EPYC); the recipe's pieces are checked above in CI
 def test_baseline_trains_on_real_cifar10_resumes_from_its_checkpoint_and_writes_its_history(tmp_path):
     out_file, workdir = tmp_path / "torch.json", tmp_path / "run"
     flags = ("--data-dir", str(SHARED_DATA), "--limit", "300", "--batch-size", "64", "--dropout", "0", "--threads",
