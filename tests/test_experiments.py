@@ -53,6 +53,7 @@ def test_cifar_vgg_quick_look_of_its_docstring_runs_as_shown(quick_look):
     assert (workdir / "checkpoints" / "last" / "1").is_dir()
 
 
+@pytest.mark.slow  # the CI budget on the Zen 3 EPYC (23 s)
 def test_cifar_vgg_resumed_after_its_last_epoch_only_reevaluates(quick_look):
     folder, env = quick_look
     again = _run("experiments.cifar_vgg", "--limit", "512", "--epochs", "1", "--quiet", "true", "--resume", "true",
@@ -79,6 +80,7 @@ def test_vgga_transfer_trains_a_new_head_on_the_quick_looks_vgga(quick_look, tmp
     assert summary["layer"] == "classifier_4" and summary["feature_width"] == 4096
 
 
+@pytest.mark.slow  # the CI budget on the Zen 3 EPYC (22 s); the classifier.4 head's run stays in CI
 def test_vgga_transfer_layer_puts_the_head_on_block_4s_max_pool(quick_look, tmp_path):
     """--layer features_15: the head on block 4's max-pool (2x2x512, flattened) instead of classifier.4."""
     on_conv = tmp_path / "transfer_conv"

@@ -76,6 +76,7 @@ def bf16_run(tmp_path_factory) -> tuple[Path, tuple]:
     return workdir, common
 
 
+@pytest.mark.slow  # the CI budget on the Zen 3 EPYC (22 s); bf16 numerics stay in CI (parity_tests/test_bf16.py)
 def test_cifar_cnn_in_bf16_records_its_precision(bf16_run):
     workdir, _ = bf16_run
     config = json.loads((workdir / "config.json").read_text())
