@@ -62,32 +62,30 @@ def implementation(pass_: str, dtype: str, shape: tuple[int, ...] = PROBE_SHAPE)
     return out.value.decode()
 
 
-@functools.cache
-def problem(dtype: str = "float32") -> str | None:
-    """None where every pass runs on oneDNN's optimised kernels in ``dtype`` on this CPU; else why not."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+def _why_not(dtype: str, shape: tuple[int, ...]) -> str | None:
+    """None where oneDNN runs every pass of ``shape`` on optimised kernels in ``dtype``; else why not."""
     try:
         for pass_ in PASSES:
-            implementation(pass_, dtype)
+            implementation(pass_, dtype, shape)
     except RuntimeError as e:
         return str(e)
     return None
 
 
 @functools.cache
+def problem(dtype: str = "float32") -> str | None:
+    """None where every pass runs on oneDNN's optimised kernels in ``dtype`` on this CPU; else why not."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return _why_not(dtype, PROBE_SHAPE)
+
+
+@functools.cache
 def supports(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padding: int, dtype: str) -> bool:
     """Whether every pass of this convolution (NHWC ``x_shape``, HWIO ``kernel_shape``) runs on oneDNN's
-    optimised kernels in ``dtype`` here (some shapes, e.g. three input channels, have only reference code)."""
-    if problem(dtype) is not None:
-        return False
+    optimised kernels in ``dtype`` here (some small shapes have only reference code)."""
     shape = (*x_shape, kernel_shape[3], kernel_shape[0], kernel_shape[1], padding)
-    try:
-        for pass_ in PASSES:
-            implementation(pass_, dtype, shape)
-    except RuntimeError:
-        return False
-    return True
+    return problem(dtype) is None and _why_not(dtype, shape) is None
 
 
 def _call(pass_: str, a: jax.Array, b: jax.Array, shape: tuple[int, ...], padding: int) -> jax.Array:

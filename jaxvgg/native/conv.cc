@@ -33,8 +33,11 @@ using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, i
 
 struct Conv {
   dnnl::primitive primitive;
-  // the primitive's own layouts of its three arguments: the two operands and the result
+  // the pass's three arguments, the two operands and the result: the primitive's own layouts, the layouts
+  // of the buffers XLA passes (NHWC/HWIO), and their DNNL_ARG_* names
   memory::desc a, b, result;
+  memory::desc user_a, user_b, user_result;
+  int arg_a, arg_b, arg_result;
   memory::desc scratchpad;  // user-managed: each call brings its own, so no state is shared between calls
   std::string impl;
 };
@@ -95,8 +98,8 @@ const Conv& Lookup(const Key& key) {
   Conv conv;
   if (pass == kForward) {
     auto pd = ForwardPd(s, dnnl::prop_kind::forward_training);
-    conv = {dnnl::convolution_forward(pd), pd.src_desc(), pd.weights_desc(), pd.dst_desc(), pd.scratchpad_desc(),
-            pd.impl_info_str()};
+    conv = {dnnl::convolution_forward(pd), pd.src_desc(), pd.weights_desc(), pd.dst_desc(), s.src, s.weights, s.dst,
+            DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST, pd.scratchpad_desc(), pd.impl_info_str()};
   } else {
     // the forward hint: in the operands' dtype, as the forward pass that produced them
     const Shapes f = MakeShapes(key, operands, operands, kForward);
@@ -107,6 +110,7 @@ const Conv& Lookup(const Key& key) {
       dnnl::convolution_backward_data::primitive_desc pd(d, Attr(), Engine(), hint);
       // operands: diff_dst, weights; result: diff_src
       conv = {dnnl::convolution_backward_data(pd), pd.diff_dst_desc(), pd.weights_desc(), pd.diff_src_desc(),
+              s.dst, s.weights, s.src, DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC,
               pd.scratchpad_desc(), pd.impl_info_str()};
     } else {
       dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, s.src_any, s.weights_any,
@@ -114,6 +118,7 @@ const Conv& Lookup(const Key& key) {
       dnnl::convolution_backward_weights::primitive_desc pd(d, Attr(), Engine(), hint);
       // operands: src, diff_dst; result: diff_weights
       conv = {dnnl::convolution_backward_weights(pd), pd.src_desc(), pd.diff_dst_desc(), pd.diff_weights_desc(),
+              s.src, s.dst, s.weights, DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS,
               pd.scratchpad_desc(), pd.impl_info_str()};
     }
   }
@@ -151,29 +156,16 @@ ffi::Error Run(int pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::ResultBuffer<f
   std::lock_guard<std::mutex> one_at_a_time(running);
   try {
     const Conv& conv = Lookup(key);
-    const auto operands = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
-    const Shapes s = MakeShapes(key, operands, memory::data_type::f32, pass);
-    // the user layouts of (operand a, operand b, result) for this pass
-    const memory::desc& ua = pass == kBackwardWeights ? s.src : (pass == kForward ? s.src : s.dst);
-    const memory::desc& ub = pass == kBackwardWeights ? s.dst : s.weights;
-    const memory::desc& ur = pass == kForward ? s.dst : (pass == kBackwardData ? s.src : s.weights);
     dnnl::stream stream(Engine());
-    memory ma = Input(ua, conv.a, a.untyped_data(), stream);
-    memory mb = Input(ub, conv.b, b.untyped_data(), stream);
-    memory user_result(ur, Engine(), out->untyped_data());
-    memory result = ur == conv.result ? user_result : memory(conv.result, Engine());
+    memory ma = Input(conv.user_a, conv.a, a.untyped_data(), stream);
+    memory mb = Input(conv.user_b, conv.b, b.untyped_data(), stream);
+    memory user_result(conv.user_result, Engine(), out->untyped_data());
+    const bool reorder_result = !(conv.user_result == conv.result);
+    memory result = reorder_result ? memory(conv.result, Engine()) : user_result;
     memory scratchpad(conv.scratchpad, Engine());
-    if (pass == kForward) {
-      conv.primitive.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, result},
-                                      {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else if (pass == kBackwardData) {
-      conv.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DIFF_SRC, result},
-                                      {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      conv.primitive.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_DIFF_DST, mb}, {DNNL_ARG_DIFF_WEIGHTS, result},
-                                      {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    }
-    if (!(ur == conv.result)) dnnl::reorder(result, user_result).execute(stream, result, user_result);
+    conv.primitive.execute(stream, {{conv.arg_a, ma}, {conv.arg_b, mb}, {conv.arg_result, result},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (reorder_result) dnnl::reorder(result, user_result).execute(stream, result, user_result);
     stream.wait();
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxvgg onednn conv: ") + e.what());
